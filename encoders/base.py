@@ -1,0 +1,44 @@
+"""The encoder interface: what every sequence encoder (HSTU, LONGER, ULTRA-HSTU) takes and gives.
+
+An encoder turns a `Batch` into an `EncoderOutput`. It owns the feature embeddings
+(`encoders.embeddings.FeatureEmbeddings`) and never reads Parquet. Heads see only the
+`EncoderOutput` and the batch fields they declare they need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from mtrank.batch import Batch
+
+
+@dataclass
+class EncoderOutput:
+    """What an encoder hands to the heads.
+
+    Attributes:
+        target: (B, output_dim) the candidate item's representation in the user's context
+            (target-aware sequence summary, candidate embedding and user features together):
+            the input of the task heads.
+        user: (B, D) a candidate-free summary of the user (history + static features), or None.
+        sequence: (B, L, D) the last layer's state at every history position (0 at padding), or None.
+        mask: (B, L) bool valid history positions, or None.
+        aux_loss: a scalar loss the encoder adds to the objective (0-dim tensor), or None.
+    """
+
+    target: Tensor
+    user: Tensor | None = None
+    sequence: Tensor | None = None
+    mask: Tensor | None = None
+    aux_loss: Tensor | None = None
+
+
+class SequenceEncoder(nn.Module):
+    """Base class of encoders: subclasses set `output_dim` and implement `forward`."""
+
+    output_dim: int
+
+    def forward(self, batch: Batch) -> EncoderOutput:  # pragma: no cover - interface
+        raise NotImplementedError
