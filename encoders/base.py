@@ -22,7 +22,7 @@ class EncoderOutput:
         target: (B, output_dim) the candidate item's representation in the user's context
             (target-aware sequence summary, candidate embedding and user features together):
             the input of the task heads.
-        user: (B, D) a candidate-free summary of the user (history + static features), or None.
+        user: (B, D) a candidate-free summary of the user's history (the newest valid state), or None.
         sequence: (B, L, D) the last layer's state at every history position (0 at padding), or None.
         mask: (B, L) bool valid history positions, or None.
         aux_loss: a scalar loss the encoder adds to the objective (0-dim tensor), or None.

@@ -1,0 +1,376 @@
+"""HSTU: Hierarchical Sequential Transduction Units (Zhai et al., "Actions Speak Louder than Words", arXiv 2402.17152).
+
+One HSTU layer (the paper's eqs. 1-3), on tokens ``X`` (B, N, D):
+
+    U, V, Q, K = Split(φ1(f1(Norm(X))))                          # pointwise projection, φ1 = SiLU
+    A(X) V(X)  = φ2(α Q Kᵀ + rab^{p,t}) / n · V                   # pointwise aggregated attention, φ2 = SiLU
+    Y(X)       = f2(Norm(A(X) V(X)) ⊙ U(X)) + X                   # gated transformation + residual
+
+There is **no softmax**: each key contributes ``SiLU(score)`` independently, which keeps the intensity
+of a user's preferences that a softmax would normalise away. ``rab^{p,t}`` is a learned relative
+attention bias on the bucketed position distance and the bucketed ``log Δt`` between query and key.
+
+Target-aware ranking: the candidate item is one more token after the history. Histories in a
+`Batch` are left-aligned (valid at ``[0, history_len[b])``); the candidate is *stored* at index ``L``
+(so every row has the same shape) but *placed*, for masking and for both position signals, at
+the logical position ``history_len[b]`` right after the row's newest behaviour. One causal rule on
+logical positions then gives the whole mask:
+
+    query i may attend key j  <=>  both are valid tokens and position(j) <= position(i)
+
+so history token ``i`` attends to behaviours ``0..i`` only (causal; never to the candidate, whose
+position is ``history_len > i``), the candidate attends to the whole valid history and to itself
+(a row with an empty history: to itself only), and padded queries attend to nothing and are zeroed.
+The history states are therefore independent of the candidate, which is what lets a serving system
+cache the user prefix and score many candidates against it.
+
+Choices where the paper is open (all documented on `HSTUEncoder`'s arguments):
+
+- ``n``: by default the number of keys each query attends to (``attention_norm="num_keys"``, at
+  least 1, so an empty history never divides by zero). The paper's reference code divides by the
+  maximum sequence length instead (``attention_norm="max_len"``, here ``features.max_len + 1``,
+  a constant, so that a sample's output does not depend on the batch's padding width). Both are
+  followed by ``Norm(AV)``, which removes the overall scale; dividing short rows by a large
+  constant pushes ``AV`` under the LayerNorm's ``eps`` and washes their signal out, hence the default.
+- ``α = 1/sqrt(d_qk)`` scales ``QKᵀ`` as in the later generative-recommenders kernels.
+- Relative attention bias per head and per layer: position distance bucketed exactly below
+  ``num_position_buckets // 2`` and log-spaced up to ``features.max_len``; time bucket
+  ``floor(ln(max(|Δt|, 1)) / 0.301)`` as in the paper's code, clamped to ``num_time_buckets - 1``.
+  The candidate's time is the sample's ``ts``, so its Δt to a behaviour is the behaviour's age.
+- The optional absolute position embedding indexes the distance to the candidate
+  (``history_len - i``: the candidate 0, the newest behaviour 1, ...), so "the newest behaviour"
+  means the same thing whatever the history's length.
+- The candidate's representation (``EncoderOutput.target``) is a small MLP over
+  ``[h_c, e_c, u, h_c ⊙ e_c]``: the candidate token's final state, its input embedding, the user
+  features and their elementwise product (an explicit target-history interaction).
+- A final LayerNorm on the last layer's states (as ``ln_f`` in GPT-2) before they are handed out.
+
+Example:
+    >>> encoder = HSTUEncoder(features, dim=64, num_layers=2, num_heads=2)
+    >>> out = encoder(batch)      # out.target (B, 64), out.sequence (B, L, 64), out.user (B, 64)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from encoders.base import EncoderOutput, SequenceEncoder
+from encoders.embeddings import FeatureEmbeddings
+from mtrank.batch import Batch
+from mtrank.spec import FeatureSpec
+
+AttentionNorm = Literal["num_keys", "max_len"]
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def hstu_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    mask: Tensor,
+    alpha: float = 1.0,
+    n: float | None = None,
+) -> Tensor:
+    """HSTU pointwise aggregated attention, reference implementation: ``(SiLU(α QKᵀ + bias) ⊙ mask / n) V``.
+
+    Args:
+        q: (B, H, N, d_qk) queries.
+        k: (B, H, N, d_qk) keys.
+        v: (B, H, N, d_v) values.
+        bias: (B, H, N, N) additive relative attention bias (query i, key j), or None.
+        mask: (B, N, N) bool, True where query i may attend key j.
+        alpha: scale of ``QKᵀ``.
+        n: normaliser: a constant, or None for the number of keys each query attends to (at least 1).
+
+    Returns:
+        (B, H, N, d_v); a query that attends to no key gets 0.
+    """
+    scores = alpha * torch.matmul(q, k.transpose(-1, -2))  # (B, H, N, N)
+    if bias is not None:
+        scores = scores + bias
+    keep = mask.unsqueeze(1)  # (B, 1, N, N)
+    if n is None:
+        n_keys = keep.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1, N, 1)
+        attn = F.silu(scores) * keep / n_keys
+    else:
+        attn = F.silu(scores) * keep / n
+    return torch.matmul(attn.to(v.dtype), v)  # (B, H, N, d_v)
+
+
+HSTU_ATTENTION_KERNELS: dict[str, Callable[..., Tensor]] = {"reference": hstu_attention}
+
+
+def hstu_attention_kernel(kernel: str) -> Callable[..., Tensor]:
+    """The implementation of `hstu_attention` named ``kernel`` (the one dispatch point); ValueError if unknown."""
+    try:
+        return HSTU_ATTENTION_KERNELS[kernel]
+    except KeyError:
+        raise ValueError(
+            f"unknown HSTU attention kernel {kernel!r}; available: {sorted(HSTU_ATTENTION_KERNELS)}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------ rab^{p,t}
+
+
+def bucket_position_distance(distance: Tensor, num_buckets: int, max_distance: int) -> Tensor:
+    """(...) int distance >= 0 -> (...) int64 bucket in ``[0, num_buckets)``.
+
+    Exact below ``num_buckets // 2``, log-spaced from there to ``max_distance``, the last bucket
+    beyond (one-sided T5 bucketing: under a causal mask a key is never after its query). When every
+    distance up to ``max_distance`` fits, all are exact.
+    """
+    d = distance.long().clamp(min=0)
+    if max_distance < num_buckets:
+        return d.clamp(max=num_buckets - 1)
+    exact = num_buckets // 2
+    log_ratio = torch.log(d.float().clamp(min=exact) / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
+    return torch.where(d < exact, d, far)
+
+
+def bucket_time_delta(delta: Tensor, num_buckets: int) -> Tensor:
+    """(...) int time difference -> (...) int64 bucket ``floor(ln(max(|Δt|, 1)) / 0.301)`` in ``[0, num_buckets)``.
+
+    The bucketing of the paper's code: about 3.3 buckets per e-fold (with Δt in seconds: 1 s -> 0,
+    1 h -> 27, 1 day -> 37, 1 year -> 57).
+    """
+    seconds = delta.abs().clamp(min=1).float()
+    return (torch.log(seconds) / 0.301).long().clamp(0, num_buckets - 1)
+
+
+class RelativeAttentionBias(nn.Module):
+    """``rab^{p,t}``: learned per-head bias on bucketed position distance plus bucketed ``log Δt``.
+
+    Args:
+        num_heads: H.
+        num_position_buckets: size of the position table, or 0 for no position bias.
+        num_time_buckets: size of the time table, or 0 for no time bias.
+    """
+
+    def __init__(self, num_heads: int, num_position_buckets: int, num_time_buckets: int) -> None:
+        super().__init__()
+        self.position = nn.Embedding(num_position_buckets, num_heads) if num_position_buckets else None
+        self.time = nn.Embedding(num_time_buckets, num_heads) if num_time_buckets else None
+        for table in (self.position, self.time):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
+
+    def forward(self, position_bucket: Tensor | None, time_bucket: Tensor | None) -> Tensor | None:
+        """(B, N, N) bucket indices (query i, key j) -> (B, H, N, N) bias, or None when both are off."""
+        bias = None
+        if self.position is not None and position_bucket is not None:
+            bias = self.position(position_bucket)  # (B, N, N, H)
+        if self.time is not None and time_bucket is not None:
+            t = self.time(time_bucket)  # (B, N, N, H)
+            bias = t if bias is None else bias + t
+        return None if bias is None else bias.permute(0, 3, 1, 2)  # (B, H, N, N)
+
+
+# ------------------------------------------------------------------------------------------ layer
+
+
+class HSTULayer(nn.Module):
+    """One HSTU layer (eqs. 1-3; the paper's code calls it a sequential transduction unit).
+
+    Args:
+        dim: D, the token width.
+        num_heads: H.
+        attention_dim: d_qk, the per-head width of Q and K.
+        linear_dim: d_v, the per-head width of U and V.
+        dropout: dropout on ``Norm(AV) ⊙ U`` before ``f2``.
+        num_position_buckets, num_time_buckets: sizes of this layer's ``rab^{p,t}`` tables (0: off).
+        kernel: the `hstu_attention` implementation (see `HSTU_ATTENTION_KERNELS`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attention_dim: int,
+        linear_dim: int,
+        dropout: float = 0.0,
+        num_position_buckets: int = 32,
+        num_time_buckets: int = 128,
+        kernel: str = "reference",
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.attention_dim, self.linear_dim = num_heads, attention_dim, linear_dim
+        self.attention = hstu_attention_kernel(kernel)
+        self.norm_x = nn.LayerNorm(dim)
+        self.f1 = nn.Linear(dim, num_heads * (2 * linear_dim + 2 * attention_dim))  # -> U, V, Q, K
+        self.rab = RelativeAttentionBias(num_heads, num_position_buckets, num_time_buckets)
+        self.norm_av = nn.LayerNorm(num_heads * linear_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.f2 = nn.Linear(num_heads * linear_dim, dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        valid: Tensor,
+        mask: Tensor,
+        position_bucket: Tensor | None,
+        time_bucket: Tensor | None,
+        n: float | None,
+    ) -> Tensor:
+        """(B, N, D) tokens -> (B, N, D) tokens, 0 where ``valid`` (B, N) is False; ``mask`` (B, N, N)."""
+        B, N, _ = x.shape
+        H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
+        uvqk = F.silu(self.f1(self.norm_x(x)))  # (B, N, H * (2 dv + 2 dqk))
+        u, v, q, k = uvqk.split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        q = q.view(B, N, H, dqk).transpose(1, 2)  # (B, H, N, dqk)
+        k = k.view(B, N, H, dqk).transpose(1, 2)  # (B, H, N, dqk)
+        v = v.view(B, N, H, dv).transpose(1, 2)  # (B, H, N, dv)
+        bias = self.rab(position_bucket, time_bucket)  # (B, H, N, N) or None
+        av = self.attention(q, k, v, bias, mask, alpha=1.0 / math.sqrt(dqk), n=n)  # (B, H, N, dv)
+        av = av.transpose(1, 2).reshape(B, N, H * dv)  # (B, N, H dv)
+        y = self.f2(self.dropout(self.norm_av(av) * u)) + x  # (B, N, D)
+        return y * valid.unsqueeze(-1).to(y.dtype)
+
+
+# ------------------------------------------------------------------------------------------ encoder
+
+
+class HSTUEncoder(SequenceEncoder):
+    """HSTU over the user's history with the candidate as a target-aware last token.
+
+    Args:
+        features: the feature spec (vocabularies and ``max_len``).
+        dim: D, the token width.
+        num_layers: number of HSTU layers.
+        num_heads: H, attention heads per layer.
+        attention_dim: d_qk per head (default ``dim // num_heads``).
+        linear_dim: d_v per head, the width of U and V (default ``dim // num_heads``).
+        dropout: on the input tokens, inside each layer and in the target MLP.
+        position_embedding: add a learned absolute position embedding (indexed by distance to the candidate).
+        num_position_buckets: relative position bias buckets (0: no position bias).
+        num_time_buckets: relative time bias buckets on ``log Δt`` (0: no time bias).
+        attention_norm: ``n`` of the attention: ``num_keys`` (keys each query attends to) or
+            ``max_len`` (the constant ``features.max_len + 1``, the paper's code).
+        kernel: the attention implementation (only ``reference`` for now).
+        activation_checkpointing: recompute each layer's activations in the backward pass
+            (``torch.utils.checkpoint``, non-reentrant) to trade compute for memory.
+        output_dim: width of ``EncoderOutput.target``.
+        user_dim: width of the user features (default ``dim``).
+
+    Output (`EncoderOutput`): ``target`` (B, output_dim); ``user`` (B, D) the state at the newest
+    valid history position (0 for an empty history); ``sequence`` (B, L, D) the last layer's states
+    (0 at padding); ``mask`` (B, L) valid history positions.
+    """
+
+    def __init__(
+        self,
+        features: FeatureSpec,
+        dim: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        attention_dim: int | None = None,
+        linear_dim: int | None = None,
+        dropout: float = 0.0,
+        position_embedding: bool = True,
+        num_position_buckets: int = 32,
+        num_time_buckets: int = 128,
+        attention_norm: AttentionNorm = "num_keys",
+        kernel: str = "reference",
+        activation_checkpointing: bool = False,
+        output_dim: int = 64,
+        user_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads and (attention_dim is None or linear_dim is None):
+            raise ValueError(
+                f"HSTUEncoder: dim={dim} is not divisible by num_heads={num_heads}; set attention_dim and linear_dim"
+            )
+        if attention_norm not in ("num_keys", "max_len"):
+            raise ValueError(f"HSTUEncoder: attention_norm must be 'num_keys' or 'max_len', got {attention_norm!r}")
+        hstu_attention_kernel(kernel)  # refuse an unknown kernel here, with the list of known ones
+        self.features = features
+        self.dim = dim
+        self.output_dim = output_dim
+        self.max_len = features.max_len
+        self.num_position_buckets = num_position_buckets
+        self.num_time_buckets = num_time_buckets
+        self.attention_norm = attention_norm
+        self.kernel = kernel
+        self.activation_checkpointing = activation_checkpointing
+
+        self.embeddings = FeatureEmbeddings(features, dim, user_dim)
+        self.position = nn.Embedding(features.max_len + 1, dim) if position_embedding else None
+        if self.position is not None:
+            nn.init.normal_(self.position.weight, std=1.0 / math.sqrt(dim))
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            HSTULayer(
+                dim,
+                num_heads,
+                attention_dim or dim // num_heads,
+                linear_dim or dim // num_heads,
+                dropout=dropout,
+                num_position_buckets=num_position_buckets,
+                num_time_buckets=num_time_buckets,
+                kernel=kernel,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm_out = nn.LayerNorm(dim)
+        target_in = 3 * dim + self.embeddings.user_dim  # [h_c, e_c, u, h_c ⊙ e_c]
+        self.target_mlp = nn.Sequential(
+            nn.Linear(target_in, 2 * output_dim),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Linear(2 * output_dim, output_dim),
+        )
+
+    def forward(self, batch: Batch) -> EncoderOutput:
+        """`Batch` -> `EncoderOutput` (see the class docstring for the shapes)."""
+        B, L = batch.history_item_id.shape
+        if self.max_len < L:
+            raise ValueError(f"HSTUEncoder: the batch's history width {L} exceeds features.max_len={self.max_len}")
+        history_len = batch.history_len.long()  # (B,)
+        history_mask = batch.history_mask()  # (B, L)
+
+        e_c = self.embeddings.candidate_tokens(batch)  # (B, D)
+        # N = L + 1 tokens: the history, then the candidate
+        x = torch.cat([self.embeddings.history_tokens(batch), e_c.unsqueeze(1)], dim=1)  # (B, N, D)
+        valid = torch.cat([history_mask, history_mask.new_ones(B, 1)], dim=1)  # (B, N)
+        # logical positions: history i at i, the candidate (stored at index L) right after the newest behaviour
+        index = torch.arange(L, device=x.device).expand(B, L)
+        position = torch.cat([index, history_len.unsqueeze(1)], dim=1)  # (B, N)
+        if self.position is not None:
+            to_candidate = (history_len.unsqueeze(1) - position).clamp(0, self.max_len)  # (B, N): candidate 0, newest 1
+            x = x + self.position(to_candidate) * valid.unsqueeze(-1).to(x.dtype)
+        x = self.dropout(x)
+
+        # target-aware causal mask on logical positions (query i, key j)
+        mask = valid.unsqueeze(2) & valid.unsqueeze(1) & (position.unsqueeze(1) <= position.unsqueeze(2))  # (B, N, N)
+        position_bucket = time_bucket = None
+        if self.num_position_buckets:
+            distance = position.unsqueeze(2) - position.unsqueeze(1)  # (B, N, N)
+            position_bucket = bucket_position_distance(distance, self.num_position_buckets, self.max_len)
+        if self.num_time_buckets:
+            ts = torch.cat([batch.history_ts.long(), batch.ts.long().unsqueeze(1)], dim=1)  # (B, N)
+            time_bucket = bucket_time_delta(ts.unsqueeze(2) - ts.unsqueeze(1), self.num_time_buckets)  # (B, N, N)
+        n = float(self.max_len + 1) if self.attention_norm == "max_len" else None
+
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, valid, mask, position_bucket, time_bucket, n, use_reentrant=False)
+            else:
+                x = layer(x, valid, mask, position_bucket, time_bucket, n)
+
+        h = self.norm_out(x) * valid.unsqueeze(-1).to(x.dtype)  # (B, N, D)
+        sequence, h_c = h[:, :L], h[:, L]  # (B, L, D), (B, D)
+        newest = (history_len - 1).clamp(min=0)  # (B,)
+        user = h[torch.arange(B, device=h.device), newest] * (history_len > 0).unsqueeze(-1).to(h.dtype)  # (B, D)
+        u = self.embeddings.user_features(batch)  # (B, D_u)
+        target = self.target_mlp(torch.cat([h_c, e_c, u, h_c * e_c], dim=-1))  # (B, output_dim)
+        return EncoderOutput(target=target, user=user, sequence=sequence, mask=history_mask)
