@@ -122,10 +122,8 @@ class RankingModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         encoded, head_out = self(batch)
         losses = self.losses(encoded, head_out, batch)
-        self.log_dict(
-            {f"train/{k}": v.detach() for k, v in losses.items()},
-            on_step=True, on_epoch=False, prog_bar=False, batch_size=batch.batch_size,
-        )  # fmt: skip
+        parts = {f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}
+        self.log_dict(parts, on_step=True, on_epoch=False, batch_size=batch.batch_size)
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=batch.batch_size)
         return losses["loss"]
 

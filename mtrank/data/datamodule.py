@@ -1,0 +1,172 @@
+"""`RankingDataModule`: Parquet users + samples tables -> DataLoaders of `Batch` for Lightning.
+
+Files live in ``data_dir``: ``users`` (history store) and one samples table per stage. With
+``synth`` set and the files missing (or made from another config), `prepare_data` generates them
+with `mtrank.data.synth.generate`. `setup` runs the schema check (``validate``) and builds one
+`HistoryDataset` per stage; each loader takes whole index batches from a `ShardedBatchSampler`
+(training shuffles per epoch; every DDP rank gets the same number of batches, no duplicates).
+Lightning must run with ``use_distributed_sampler=False`` (the mtrank CLI sets it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pyarrow.parquet as pq
+from torch.utils.data import DataLoader
+
+from mtrank.data.dataset import HistoryDataset, ShardedBatchSampler, make_loader
+from mtrank.data.schema import check_schema
+from mtrank.data.store import UserStore
+from mtrank.data.synth import SynthConfig, generate, load_config
+from mtrank.spec import FeatureSpec, TaskSpec, check_tasks
+
+log = logging.getLogger(__name__)
+
+_STAGES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+class RankingDataModule(L.LightningDataModule):
+    """Users + samples Parquet tables as Lightning data.
+
+    Args:
+        data_dir: folder of the Parquet files (relative names below are taken inside it).
+        features: the feature spec (linked from ``model.features`` by the CLI).
+        tasks: the task list (linked from ``model.tasks``); each task's label column is read.
+        users: the users table.
+        train, val, test: samples tables per stage (None: the stage has no data).
+        predict: samples table of ``predict``; defaults to ``test``.
+        batch_size: training batch size (largest; batches are near-equal, see `ShardedBatchSampler`).
+        eval_batch_size: batch size of val/test/predict (default ``batch_size``).
+        num_workers: DataLoader workers per loader (persistent when > 0).
+        seed: seed of the per-epoch shuffle.
+        synth: generate a synthetic data set into ``data_dir`` when missing or stale.
+        validate: run the schema check in `setup`.
+        pin_memory: pin batches (for GPU training).
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        features: FeatureSpec | None = None,
+        tasks: list[TaskSpec] | None = None,
+        users: str = "users.parquet",
+        train: str | None = "train.parquet",
+        val: str | None = "val.parquet",
+        test: str | None = "test.parquet",
+        predict: str | None = None,
+        batch_size: int = 512,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        seed: int = 0,
+        synth: SynthConfig | None = None,
+        validate: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.data_dir = Path(data_dir)
+        self.features = features
+        self.tasks = tasks
+        self.files = {"users": users, "train": train, "val": val, "test": test, "predict": predict or test}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.synth = synth
+        self.validate = validate
+        self.pin_memory = pin_memory
+        self.store: UserStore | None = None
+        self.datasets: dict[str, HistoryDataset] = {}
+        self.samplers: dict[str, ShardedBatchSampler] = {}
+        self._checked: set[str] = set()
+
+    def path(self, split: str) -> Path | None:
+        """The file of ``split`` (``users``, ``train``, ``val``, ``test``, ``predict``), or None."""
+        name = self.files.get(split)
+        return None if name is None else self.data_dir / name
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic data set when ``synth`` is set and the files are missing or stale."""
+        if self.synth is None:
+            return
+        wanted = [self.path(s) for s in ("users", "train", "val", "test")]
+        existing = load_config(self.data_dir)
+        if existing == self.synth and all(p is None or p.is_file() for p in wanted):
+            log.info("reusing synthetic data in %s", self.data_dir)
+            return
+        reason = "missing" if existing is None else "made from another config"
+        log.info("generating synthetic data in %s (%s)", self.data_dir, reason)
+        generate(self.synth, self.data_dir)
+
+    def _resolved(self) -> tuple[FeatureSpec, list[TaskSpec]]:
+        features = self.features or (self.synth.features() if self.synth else None)
+        tasks = self.tasks if self.tasks is not None else (self.synth.tasks() if self.synth else None)
+        if features is None:
+            raise ValueError("data.features is not set: link it from model.features (the mtrank CLI does)")
+        if tasks is None:
+            raise ValueError("data.tasks is not set: link it from model.tasks (the mtrank CLI does)")
+        check_tasks(tasks)
+        return features, tasks
+
+    def setup(self, stage: str | None = None) -> None:
+        """Schema-check (when ``validate``) and open the datasets of ``stage`` (all stages when None)."""
+        features, tasks = self._resolved()
+        splits = [s for st in ([stage] if stage else list(_STAGES)) for s in _STAGES.get(st, ())]
+        splits = [s for s in splits if self.path(s) is not None and s not in self.datasets]
+        if not splits:
+            return
+        users = self.path("users")
+        if self.validate:
+            labelled = [self.path(s) for s in splits if s != "predict" and self.path(s) not in self._checked]
+            if labelled:
+                check_schema(users, labelled, features, tasks)
+            if "predict" in splits and self.path("predict") not in self._checked:
+                check_schema(users, [self.path("predict")], features, [])
+            self._checked.update(self.path(s) for s in splits)
+        if self.store is None:
+            self.store = UserStore(users, features)
+        for split in splits:
+            labels = [t.label for t in tasks] if split != "predict" else self._available_labels(split, tasks)
+            self.datasets[split] = HistoryDataset(self.path(split), self.store, features, labels)
+
+    def _available_labels(self, split: str, tasks: list[TaskSpec]) -> list[str]:
+        names = set(pq.read_schema(self.path(split)).names)
+        return [t.label for t in tasks if t.label in names]
+
+    def dataset(self, split: str) -> HistoryDataset:
+        """The dataset of ``split`` (``train``, ``val``, ``test``, ``predict``) after `setup`."""
+        if split not in self.datasets:
+            raise RuntimeError(f"data split {split!r} is not set up (file: {self.files.get(split)})")
+        return self.datasets[split]
+
+    def sample_columns(self, split: str, names: list[str]) -> dict[str, np.ndarray]:
+        """Columns of a split's samples table by row, e.g. to attach ids via ``batch.sample_index``."""
+        ds = self.dataset(split)
+        return {name: np.asarray(ds.column(name)) for name in names}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.dataset(split)
+        sampler = ShardedBatchSampler(
+            len(ds), self.batch_size if shuffle else self.eval_batch_size, shuffle=shuffle, seed=self.seed
+        )
+        self.samplers[split] = sampler
+        return make_loader(ds, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

@@ -1,0 +1,25 @@
+"""Shared fixtures: one small synthetic data set (written once per test session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtrank.data.synth import SynthConfig, generate
+
+
+@pytest.fixture(scope="session")
+def small_synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynthConfig, dict[str, Path]]:
+    """A ~20k-sample synthetic set (config, paths); histories of ~100 behaviours, max_len 32."""
+    config = SynthConfig(
+        num_users=200,
+        num_items=300,
+        num_categories=10,
+        history_mean=80,
+        samples_per_user=100,
+        max_len=32,
+        chunk_users=64,
+        seed=3,
+    )
+    return config, generate(config, tmp_path_factory.mktemp("synth"))
