@@ -88,10 +88,18 @@ class FeatureEmbeddings(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Tables ``N(0, 1/width)``; projections keep PyTorch's default init."""
+        """Tables ``N(0, 1/width)``; dense projections ``N(0, 1/(16 · width · inputs))``.
+
+        symlog of counts and seconds is typically 1 to 6, so the smaller projection init keeps a
+        dense feature's share of a token at init about that of one embedding. PyTorch's default
+        (uniform ±1 for one input) made dense features about 20× larger than the id embeddings,
+        drowning the category and action signal after the first LayerNorm.
+        """
         for module in self.modules():
             if isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.embedding_dim))
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=1.0 / (4 * math.sqrt(module.out_features * module.in_features)))
 
     def item_tokens(self, item_id: Tensor) -> Tensor:
         """(...) int item ids -> (..., D) item id embeddings (the table shared by history and candidate)."""
