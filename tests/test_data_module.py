@@ -103,6 +103,7 @@ def test_lightning_fit_two_epochs_with_workers(tmp_path: Path) -> None:
     )
     model = _Tiny()
     trainer = L.Trainer(
+        accelerator="cpu",
         max_epochs=2,
         use_distributed_sampler=False,
         logger=False,
