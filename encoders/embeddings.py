@@ -120,21 +120,32 @@ class FeatureEmbeddings(nn.Module):
         x = self.item(batch.item_id)  # (B, D)
         for name in self.shared_item_sparse:
             x = x + self.history_sparse[name](batch.item_sparse[name])
-        for name, table in self.item_sparse.items():
-            x = x + table(batch.item_sparse[name])
-        if self.item_dense is not None:
-            dense = torch.stack([batch.item_dense[n] for n in self.features.item_dense], dim=-1)  # (B, C)
-            x = x + self.item_dense(symlog(dense.float()))
-        return x
+        return self._add_features(
+            x, self.item_sparse, batch.item_sparse, self.item_dense, batch.item_dense, self.features.item_dense
+        )
 
     def user_features(self, batch: Batch) -> Tensor:
         """(B, D_u) user id embedding + static user features."""
         x = self.user(batch.user_id)  # (B, D_u)
-        for name, table in self.user_sparse.items():
-            x = x + table(batch.user_sparse[name])
-        if self.user_dense is not None:
-            dense = torch.stack([batch.user_dense[n] for n in self.features.user_dense], dim=-1)  # (B, C)
-            x = x + self.user_dense(symlog(dense.float()))
+        return self._add_features(
+            x, self.user_sparse, batch.user_sparse, self.user_dense, batch.user_dense, self.features.user_dense
+        )
+
+    @staticmethod
+    def _add_features(
+        x: Tensor,
+        tables: nn.ModuleDict,
+        sparse: dict[str, Tensor],
+        projection: nn.Linear | None,
+        dense: dict[str, Tensor],
+        dense_names: list[str],
+    ) -> Tensor:
+        """``x`` (B, D) + the embedding of every sparse feature in ``tables`` + the projected dense features."""
+        for name, table in tables.items():
+            x = x + table(sparse[name])
+        if projection is not None:
+            values = torch.stack([dense[n] for n in dense_names], dim=-1)  # (B, C)
+            x = x + projection(symlog(values.float()))
         return x
 
 
