@@ -25,5 +25,9 @@ class WandbLogger(_LightningWandbLogger):
 
     def __init__(self, project: str = "mtrank", save_dir: str = "runs", offline: bool = True, **kwargs: Any) -> None:
         if offline:
-            kwargs.setdefault("mode", "offline")
+            if kwargs.get("mode") not in (None, "offline"):
+                raise ValueError(
+                    f"WandbLogger: offline=True conflicts with mode={kwargs['mode']!r}; use offline: false"
+                )
+            kwargs["mode"] = "offline"  # also when a config passes mode: null explicitly
         super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)

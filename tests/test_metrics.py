@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,13 @@ def test_metrics_sync_across_two_gloo_processes() -> None:
     for rank in (0, 1):
         for key, value in expected.items():
             assert out[rank][key] == pytest.approx(value, abs=1e-6), (rank, key)
+
+
+def test_wandb_logger_is_offline_by_default(tmp_path: Path) -> None:
+    from mtrank.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), mode=None)  # an explicit null from a config stays offline
+    assert logger._wandb_init["mode"] == "offline"
+    with pytest.raises(ValueError, match="offline"):
+        WandbLogger(save_dir=str(tmp_path), mode="online")
+    assert WandbLogger(save_dir=str(tmp_path), offline=False)._wandb_init.get("mode") != "offline"
