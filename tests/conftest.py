@@ -23,3 +23,15 @@ def small_synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynthConfig, 
         seed=3,
     )
     return config, generate(config, tmp_path_factory.mktemp("synth"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` on a machine without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
