@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +46,81 @@ class ParquetPredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
         log.info("wrote %d predictions to %s", table.num_rows, path)
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs training throughput: ``perf/train_samples_per_s`` every ``every_n_steps`` optimiser steps
+    (samples of all processes, over the steps since the last log) and ``perf/epoch_train_samples_per_s``
+    at each epoch's end. Time spent in validation is left out of both.
+
+    Args:
+        every_n_steps: steps between two logged rates.
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"ThroughputMonitor.every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._window = _Stopwatch()
+        self._epoch = _Stopwatch()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._window.restart()
+        self._epoch.restart()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        samples = getattr(batch, "batch_size", 0) * trainer.world_size
+        self._window.samples += samples
+        self._epoch.samples += samples
+        if trainer.global_step % self.every_n_steps == 0 and self._window.samples:
+            _synchronize(pl_module)
+            pl_module.log("perf/train_samples_per_s", self._window.rate(), on_step=True, on_epoch=False)
+            self._window.restart()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training:
+            _synchronize(pl_module)
+            self._window.pause()
+            self._epoch.pause()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training:
+            self._window.resume()
+            self._epoch.resume()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _synchronize(pl_module)
+        if self._epoch.samples:
+            rate = self._epoch.rate()
+            pl_module.log("perf/epoch_train_samples_per_s", rate, on_step=False, on_epoch=True)
+            log.info("epoch %d: %.0f training samples/s", trainer.current_epoch, rate)
+
+
+class _Stopwatch:
+    """Seconds and samples counted while running; pausable."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.samples, self.elapsed, self.started = 0, 0.0, time.perf_counter()
+
+    def pause(self) -> None:
+        if self.started is not None:
+            self.elapsed += time.perf_counter() - self.started
+            self.started = None
+
+    def resume(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def rate(self) -> float:
+        running = time.perf_counter() - self.started if self.started is not None else 0.0
+        return self.samples / max(self.elapsed + running, 1e-9)
+
+
+def _synchronize(pl_module: L.LightningModule) -> None:
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)

@@ -38,7 +38,7 @@ def last_metrics(tmp_path: Path) -> dict[str, float]:
     (metrics_file,) = sorted((tmp_path / "runs" / "csv").glob("version_*/metrics.csv"))[-1:]
     values: dict[str, float] = {}
     for row in csv.DictReader(metrics_file.open()):
-        values.update({k: float(v) for k, v in row.items() if v and k.startswith(("val/", "test/"))})
+        values.update({k: float(v) for k, v in row.items() if v and k.startswith(("val/", "test/", "perf/"))})
     return values
 
 
@@ -53,6 +53,7 @@ def test_quickstart_learns_planted_click_signal_then_tests_and_predicts(tmp_path
     for task in ("like", "follow", "long_view"):
         assert metrics[f"val/{task}/auc"] > 0.55, (task, metrics)
     assert metrics["val/watch_time/rmse"] > 0
+    assert metrics["perf/epoch_train_samples_per_s"] > 0 and metrics["perf/train_samples_per_s"] > 0
     # W&B wrote an offline run and needed no network
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
 
