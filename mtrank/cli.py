@@ -48,16 +48,16 @@ class MTRankCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mtrank`` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] == "synth":
+    if args and args[0] == "synth":
         from mtrank.data.synth import main as synth_main
 
-        return synth_main(argv[1:])
+        return synth_main(args[1:])
     MTRankCLI(
         RankingModule,
         RankingDataModule,
-        args=argv,
+        args=None if argv is None else args,  # None: Lightning reads sys.argv itself
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
