@@ -246,3 +246,21 @@ def test_bf16_autocast_on_cpu() -> None:
         out = encoder(batch)
     assert torch.isfinite(out.target.float()).all()
     assert torch.allclose(out.target.float(), encoder(batch).target, atol=0.1)
+
+
+def test_relative_attention_bias_matches_embedding_lookup_forward_and_backward() -> None:
+    from encoders.hstu import RelativeAttentionBias
+
+    torch.manual_seed(0)
+    rab = RelativeAttentionBias(num_heads=3, num_position_buckets=5, num_time_buckets=7)
+    position = torch.randint(0, 5, (2, 4, 4))
+    time = torch.randint(0, 7, (2, 4, 4))
+    upstream = torch.randn(2, 3, 4, 4)
+    (rab(position, time) * upstream).sum().backward()
+    got = (rab.position.weight.grad.clone(), rab.time.weight.grad.clone())
+    rab.zero_grad()
+    expected = (rab.position(position) + rab.time(time)).permute(0, 3, 1, 2)  # (B, H, N, N)
+    torch.testing.assert_close(rab(position, time), expected)
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(got[0], rab.position.weight.grad)
+    torch.testing.assert_close(got[1], rab.time.weight.grad)
