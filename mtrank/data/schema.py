@@ -19,7 +19,7 @@ and how many rows are affected. Checked:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +135,27 @@ def _check_finite(file: str, name: str, values: np.ndarray, rows: np.ndarray, pr
         problems.add(file, name, "NaN or infinite value", rows[i], f"value {values[i]}", int(bad.sum()))
 
 
+def _record_batches(
+    path: Path, good: dict[str, str], problems: _Problems
+) -> Iterator[tuple[int, np.ndarray, list[tuple[str, str, pa.Array]]]]:
+    """Per Parquet record batch of ``path``: (first row, (n,) row numbers, [(name, kind, column)]).
+
+    Columns holding nulls are reported to ``problems`` and left out of the list.
+    """
+    file, base = str(path), 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=list(good)):
+        columns = []
+        for name, kind in good.items():
+            col = batch.column(name)
+            if col.null_count:
+                i = int(np.argmax(_np(col.is_null(), bool)))
+                problems.add(file, name, "null value", base + i, "nulls are not allowed", col.null_count)
+            else:
+                columns.append((name, kind, col))
+        yield base, np.arange(base, base + batch.num_rows), columns
+        base += batch.num_rows
+
+
 def check_schema(
     users: str | Path,
     samples: Sequence[str | Path],
@@ -178,17 +199,10 @@ def _check_users(path: Path, f: FeatureSpec, problems: _Problems) -> np.ndarray 
     if not good:
         return None
     all_ids: list[np.ndarray] = []
-    base = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=list(good)):
-        n = batch.num_rows
-        rows = np.arange(base, base + n)
+    for base, rows, columns in _record_batches(path, good, problems):
+        n = len(rows)
         reference_len, reference_name = None, None
-        for name, kind in good.items():
-            col = batch.column(name)
-            if col.null_count:
-                i = int(np.argmax(_np(col.is_null(), bool)))
-                problems.add(file, name, "null value", base + i, "nulls are not allowed", col.null_count)
-                continue
+        for name, kind, col in columns:
             if kind in (_INT, _FLOAT):
                 values = _np(col, np.int64 if kind == _INT else np.float64)
                 if name == "user_id":
@@ -237,7 +251,6 @@ def _check_users(path: Path, f: FeatureSpec, problems: _Problems) -> np.ndarray 
                         f"{values[i]} after {values[i - 1]}",
                         int(np.unique(flat_rows[1:][bad]).size),
                     )
-        base += n
     if "user_id" not in good:
         return None
     ids = np.concatenate(all_ids) if all_ids else np.zeros(0, dtype=np.int64)
@@ -273,16 +286,8 @@ def _check_samples(
     binary = {t.label for t in tasks if t.kind == "binary"}
     labels = {t.label for t in tasks}
     finite = labels | set(f.item_dense) | {"propensity"}
-    base = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=list(good)):
-        n = batch.num_rows
-        rows = np.arange(base, base + n)
-        for name, kind in good.items():
-            col = batch.column(name)
-            if col.null_count:
-                i = int(np.argmax(_np(col.is_null(), bool)))
-                problems.add(file, name, "null value", base + i, "nulls are not allowed", col.null_count)
-                continue
+    for base, rows, columns in _record_batches(path, good, problems):
+        for name, kind, col in columns:
             values = _np(col, np.int64 if kind == _INT else np.float64)
             if name in vocab:
                 _check_ids(file, name, values, vocab[name], rows, problems)
@@ -312,4 +317,3 @@ def _check_samples(
                         f"user_id {values[i]}",
                         int(unknown.sum()),
                     )
-        base += n
