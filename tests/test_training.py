@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mtrank.cli import main
+from mtrank.module import RankingModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +59,8 @@ def test_quickstart_learns_planted_click_signal_then_tests_and_predicts(tmp_path
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
 
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    restored = RankingModule.load_from_checkpoint(ckpt, map_location="cpu")  # no config needed
+    assert [t.name for t in restored.tasks] == ["click", "like", "follow", "long_view", "watch_time"]
     assert main(["test", "--config", str(config), "--ckpt_path", str(ckpt)]) == 0
     assert last_metrics(tmp_path)["test/click/auc"] >= 0.65
 
