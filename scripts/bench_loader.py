@@ -9,7 +9,11 @@ user before the sample window), then measures on the train split with random bat
   ``flat[start[:, None] + arange(L)]`` of the same history channels + masking, numpy arrays only;
 - ``dataset[idx] (in process)``: `HistoryDataset.__getitem__`, one process, `Batch` of tensors
   (``padded rows only``: drawn from samples with fewer than L behaviours, so every row is masked);
-- ``DataLoader, workers=K``: `make_loader` with K workers (0 = main process), as in training.
+- ``DataLoader, workers=K``: `make_loader` with K workers (0 = main process), as in training;
+  with 0 workers, ``no prefetch`` builds each batch when asked and ``prefetch thread`` has a
+  background thread build 2 ahead (the default);
+- ``..., N ms step``: the same while the consumer spends N ms per batch waiting (``--step-ms``, a
+  GPU step as the host sees it): how much of the loading the training loop still waits for.
 
 Prints a table and writes JSON.
 """
@@ -71,9 +75,13 @@ def _in_process(
     return _rate(step, batch_size, seconds)
 
 
-def _loader(ds: HistoryDataset, batch_size: int, seconds: float, workers: int) -> float:
+def _loader(
+    ds: HistoryDataset, batch_size: int, seconds: float, workers: int, prefetch: int = 2, step_ms: float = 0.0
+) -> float:
     sampler = ShardedBatchSampler(len(ds), batch_size, shuffle=True, seed=0, rank=0, world_size=1)
-    loader = make_loader(ds, sampler, num_workers=workers, persistent_workers=True if workers else None)
+    loader = make_loader(
+        ds, sampler, num_workers=workers, persistent_workers=True if workers else None, prefetch=prefetch
+    )
     state = {"it": iter(loader), "epoch": 0}
 
     def step() -> int:
@@ -84,6 +92,8 @@ def _loader(ds: HistoryDataset, batch_size: int, seconds: float, workers: int) -
             sampler.set_epoch(state["epoch"])
             state["it"] = iter(loader)
             batch = next(state["it"])
+        if step_ms:
+            time.sleep(step_ms / 1000)  # the host waiting on a GPU step: the GIL is free meanwhile
         return batch.batch_size
 
     rate = _rate(step, batch_size, seconds, warmup=max(2, 2 * workers))
@@ -97,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--step-ms", type=float, default=4.0, help="simulated training step per batch (0: off)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per cell")
     parser.add_argument("--users", type=int, default=600)
     parser.add_argument("--history-mean", type=float, default=3000.0)
@@ -137,12 +148,26 @@ def main(argv: list[str] | None = None) -> int:
                 ds, args.batch_size, args.seconds, rng, p
             )
         for w in args.workers:
-            cells[f"DataLoader, workers={w}"] = lambda w=w, ds=ds: _loader(ds, args.batch_size, args.seconds, w)
+            if w == 0:
+                cells["DataLoader, workers=0, no prefetch"] = lambda ds=ds: _loader(
+                    ds, args.batch_size, args.seconds, 0, prefetch=0
+                )
+                cells["DataLoader, workers=0, prefetch thread"] = lambda ds=ds: _loader(
+                    ds, args.batch_size, args.seconds, 0
+                )
+            else:
+                cells[f"DataLoader, workers={w}"] = lambda w=w, ds=ds: _loader(ds, args.batch_size, args.seconds, w)
+        if args.step_ms:
+            step = args.step_ms
+            for label, w, prefetch in (("no prefetch", 0, 0), ("prefetch thread", 0, 2), ("2 workers", 2, 2)):
+                cells[f"{label}, {step:g} ms step"] = lambda w=w, p=prefetch, ds=ds, step=step: _loader(
+                    ds, args.batch_size, args.seconds, w, prefetch=p, step_ms=step
+                )
         for name, fn in cells.items():
             rate = fn()
             row = {"history_len": L, "mode": name, "samples_per_s": round(rate), "full_history_fraction": full}
             results["rows"].append(row)
-            print(f"L={L:5d}  {name:28s} {rate:12,.0f} samples/s", flush=True)
+            print(f"L={L:5d}  {name:38s} {rate:12,.0f} samples/s", flush=True)
     print()
     print(f"| history L | mode | samples/s |  (batch {args.batch_size}, {os.cpu_count()} CPUs)")
     print("|---:|---|---:|")

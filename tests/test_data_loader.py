@@ -267,3 +267,39 @@ def test_cache_follows_source_file_changes(tmp_path: Path) -> None:
     pq.write_table(pa.table(users), up)
     with pytest.raises(ValueError, match="hist_category"):
         UserStore(up, FeatureSpec(num_users=2, num_items=10, history_sparse={"category": 3}))
+
+
+def test_prefetch_thread_gives_the_plain_loaders_batches_and_stops_cleanly(small_synth) -> None:
+    config, paths = small_synth
+    features = config.features()
+    ds = HistoryDataset(paths["val"], UserStore(paths["users"], features), features, ["click"])
+
+    def batches(prefetch: int) -> list[Batch]:
+        sampler = ShardedBatchSampler(len(ds), 64, shuffle=True, seed=3)
+        return list(make_loader(ds, sampler, num_workers=0, prefetch=prefetch))
+
+    plain, threaded = batches(0), batches(3)
+    assert len(plain) == len(threaded) > 2
+    for a, b in zip(plain, threaded, strict=True):
+        assert torch.equal(a.sample_index, b.sample_index)
+        assert torch.equal(a.history_item_id, b.history_item_id) and torch.equal(a.labels["click"], b.labels["click"])
+
+    # an abandoned epoch (limit_train_batches, an exception in the step) leaves no thread blocked
+    loader = make_loader(ds, ShardedBatchSampler(len(ds), 16), num_workers=0, prefetch=1)
+    iterator = iter(loader)
+    next(iterator)
+    iterator.close()
+    iterator._thread.join(timeout=5)
+    assert not iterator._thread.is_alive()
+
+
+def test_prefetch_thread_raises_the_loaders_error_in_the_consumer(small_synth) -> None:
+    config, paths = small_synth
+    features = config.features()
+    ds = HistoryDataset(paths["val"], UserStore(paths["users"], features), features, ["click"])
+    sampler = [np.array([0, 1]), np.array([len(ds) + 5])]  # the second batch is out of range
+    loader = make_loader(ds, sampler, num_workers=0, prefetch=2)  # type: ignore[arg-type]
+    iterator = iter(loader)
+    assert next(iterator).batch_size == 2
+    with pytest.raises(IndexError, match="out of range"):
+        next(iterator)

@@ -41,7 +41,10 @@ class RankingDataModule(L.LightningDataModule):
         predict: samples table of ``predict``; defaults to ``test``.
         batch_size: training batch size (largest; batches are near-equal, see `ShardedBatchSampler`).
         eval_batch_size: batch size of val/test/predict (default ``batch_size``).
-        num_workers: DataLoader workers per loader (persistent when > 0).
+        num_workers: DataLoader worker processes per loader (persistent when > 0). The default 0
+            builds batches in this process, which is faster than handing them over from workers
+            (``scripts/bench_loader.py``), ``prefetch`` batches ahead in a background thread.
+        prefetch: with ``num_workers: 0``, batches a background thread builds ahead (0: none).
         seed: seed of the per-epoch shuffle.
         synth: generate a synthetic data set into ``data_dir`` when missing or stale.
         validate: run the schema check in `setup`.
@@ -60,7 +63,8 @@ class RankingDataModule(L.LightningDataModule):
         predict: str | None = None,
         batch_size: int = 512,
         eval_batch_size: int | None = None,
-        num_workers: int = 2,
+        num_workers: int = 0,
+        prefetch: int = 2,
         seed: int = 0,
         synth: SynthConfig | None = None,
         validate: bool = True,
@@ -71,6 +75,8 @@ class RankingDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if prefetch < 0:
+            raise ValueError(f"data.prefetch must be >= 0, got {prefetch}")
         self.data_dir = Path(data_dir)
         self.features = features
         self.tasks = tasks
@@ -78,6 +84,7 @@ class RankingDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.prefetch = prefetch
         self.seed = seed
         self.synth = synth
         self.validate = validate
@@ -157,7 +164,9 @@ class RankingDataModule(L.LightningDataModule):
             len(ds), self.batch_size if shuffle else self.eval_batch_size, shuffle=shuffle, seed=self.seed
         )
         self.samplers[split] = sampler
-        return make_loader(ds, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return make_loader(
+            ds, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch=self.prefetch
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
