@@ -291,6 +291,12 @@ def test_prefetch_thread_gives_the_plain_loaders_batches_and_stops_cleanly(small
     iterator.close()
     iterator._thread.join(timeout=5)
     assert not iterator._thread.is_alive()
+    iterator = iter(loader)
+    next(iterator)
+    thread = iterator._thread
+    del iterator  # dropped without close(): collected, and the thread stops
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 def test_prefetch_thread_raises_the_loaders_error_in_the_consumer(small_synth) -> None:

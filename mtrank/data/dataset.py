@@ -433,34 +433,21 @@ class PrefetchDataLoader(DataLoader):
 
 
 class _ThreadPrefetcher:
-    """Iterates ``source`` in a daemon thread, ``depth`` items ahead; re-raises its errors here."""
+    """Iterates ``source`` in a daemon thread, ``depth`` items ahead; re-raises its errors here.
 
-    _DONE = object()
+    The thread holds the queue and the stop flag, never this object, so an abandoned iterator
+    (``limit_train_batches``, an exception in the step) is collected and its ``__del__`` stops the
+    thread instead of leaving it parked on a full queue.
+    """
 
     def __init__(self, source: Iterator[Any], depth: int) -> None:
-        self._source = source
+        self._length = len(source) if hasattr(source, "__len__") else None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mtrank-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=_prefetch, args=(source, self._queue, self._stop), name="mtrank-prefetch", daemon=True
+        )
         self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for item in self._source:
-                if not self._put((item, None)):
-                    return
-            self._put((self._DONE, None))
-        except BaseException as error:  # handed to the consumer, raised there
-            self._put((self._DONE, error))
-
-    def _put(self, entry: tuple[Any, BaseException | None]) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def __iter__(self) -> _ThreadPrefetcher:
         return self
@@ -470,20 +457,46 @@ class _ThreadPrefetcher:
         if error is not None:
             self.close()
             raise error
-        if item is self._DONE:
+        if item is _DONE:
             self.close()
             raise StopIteration
         return item
 
     def __len__(self) -> int:
-        return len(self._source)  # type: ignore[arg-type]
+        if self._length is None:
+            raise TypeError("the underlying iterator has no length")
+        return self._length
 
     def close(self) -> None:
-        """Stops the thread (an abandoned iterator, e.g. ``limit_train_batches``, must not block it)."""
+        """Stops the thread."""
         self._stop.set()
 
     def __del__(self) -> None:
         self._stop.set()
+
+
+_DONE = object()
+
+
+def _prefetch(source: Iterator[Any], out: queue.Queue, stop: threading.Event) -> None:
+    """Puts ``(item, None)`` for each item of ``source``, then ``(_DONE, error or None)``, until ``stop``."""
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in source:
+            if not put((item, None)):
+                return
+        put((_DONE, None))
+    except BaseException as error:  # handed to the consumer, raised there
+        put((_DONE, error))
 
 
 def make_loader(
