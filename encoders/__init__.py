@@ -1,4 +1,5 @@
-"""Sequence encoders: `HSTUEncoder` (HSTU, arXiv 2402.17152) on top of the shared `FeatureEmbeddings`."""
+"""Sequence encoders: `HSTUEncoder` (HSTU, arXiv 2402.17152) and `LongerEncoder` (LONGER, arXiv 2505.04421)
+on top of the shared `FeatureEmbeddings`."""
 
 from encoders.base import EncoderOutput, SequenceEncoder
 from encoders.embeddings import FeatureEmbeddings, symlog
@@ -12,6 +13,7 @@ from encoders.hstu import (
     hstu_attention,
     hstu_attention_kernel,
 )
+from encoders.longer import LongerBlock, LongerEncoder, LongerSequenceCache
 
 __all__ = [
     "HSTU_ATTENTION_KERNELS",
@@ -19,6 +21,9 @@ __all__ = [
     "FeatureEmbeddings",
     "HSTUEncoder",
     "HSTULayer",
+    "LongerBlock",
+    "LongerEncoder",
+    "LongerSequenceCache",
     "RelativeAttentionBias",
     "SequenceEncoder",
     "bucket_position_distance",
