@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from mtrank.batch import Batch
@@ -42,3 +43,30 @@ class SequenceEncoder(nn.Module):
 
     def forward(self, batch: Batch) -> EncoderOutput:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class TargetMLP(nn.Sequential):
+    """The encoders' output MLP: ``[h_c, e_c, u, h_c ⊙ e_c] -> (B, output_dim)``.
+
+    ``h_c`` (B, D) is the candidate's final state, ``e_c`` (B, D) its embedding and ``u`` (B, D_u) the
+    user features; the product lets the heads see candidate–context agreement directly.
+
+    Args:
+        dim: D.
+        user_dim: D_u.
+        output_dim: the output width (the encoder's ``output_dim``).
+        dropout: dropout between the two layers.
+    """
+
+    def __init__(self, dim: int, user_dim: int, output_dim: int, dropout: float = 0.0) -> None:
+        super().__init__(
+            nn.Linear(3 * dim + user_dim, 2 * output_dim),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Linear(2 * output_dim, output_dim),
+        )
+
+    def forward(self, h_c: Tensor, e_c: Tensor, u: Tensor) -> Tensor:  # type: ignore[override]
+        """(B, D), (B, D), (B, D_u) -> (B, output_dim), in ``h_c``'s dtype."""
+        e_c, u = e_c.to(h_c.dtype), u.to(h_c.dtype)
+        return super().forward(torch.cat([h_c, e_c, u, h_c * e_c], dim=-1))

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from encoders.base import EncoderOutput, SequenceEncoder
+from encoders.base import EncoderOutput, SequenceEncoder, TargetMLP
 from encoders.embeddings import FeatureEmbeddings
 from mtrank.batch import Batch
 from mtrank.spec import FeatureSpec
@@ -356,13 +356,7 @@ class HSTUEncoder(SequenceEncoder):
             for _ in range(num_layers)
         )
         self.norm_out = nn.LayerNorm(dim)
-        target_in = 3 * dim + self.embeddings.user_dim  # [h_c, e_c, u, h_c ⊙ e_c]
-        self.target_mlp = nn.Sequential(
-            nn.Linear(target_in, 2 * output_dim),
-            nn.SiLU(),
-            nn.Dropout(dropout),
-            nn.Linear(2 * output_dim, output_dim),
-        )
+        self.target_mlp = TargetMLP(dim, self.embeddings.user_dim, output_dim, dropout)
 
     def forward(self, batch: Batch) -> EncoderOutput:
         """`Batch` -> `EncoderOutput` (see the class docstring for the shapes)."""
@@ -406,5 +400,5 @@ class HSTUEncoder(SequenceEncoder):
         newest = (history_len - 1).clamp(min=0)  # (B,)
         user = h[torch.arange(B, device=h.device), newest] * (history_len > 0).unsqueeze(-1).to(h.dtype)  # (B, D)
         u = self.embeddings.user_features(batch)  # (B, D_u)
-        target = self.target_mlp(torch.cat([h_c, e_c, u, h_c * e_c], dim=-1))  # (B, output_dim)
+        target = self.target_mlp(h_c, e_c, u)  # (B, output_dim)
         return EncoderOutput(target=target, user=user, sequence=sequence, mask=history_mask)

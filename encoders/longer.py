@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from encoders.base import EncoderOutput, SequenceEncoder
+from encoders.base import EncoderOutput, SequenceEncoder, TargetMLP
 from encoders.embeddings import FeatureEmbeddings
 from encoders.hstu import bucket_time_delta
 from mtrank.batch import Batch
@@ -237,13 +237,7 @@ class LongerEncoder(SequenceEncoder):
             self.inner_position, self.inner, self.merge_proj = None, None, None
         self.layers = nn.ModuleList(LongerBlock(dim, num_heads, dropout) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(dim)
-        target_in = 3 * dim + self.embeddings.user_dim  # [h_c, e_c, u, h_c ⊙ e_c]
-        self.target_mlp = nn.Sequential(
-            nn.Linear(target_in, 2 * output_dim),
-            nn.SiLU(),
-            nn.Dropout(dropout),
-            nn.Linear(2 * output_dim, output_dim),
-        )
+        self.target_mlp = TargetMLP(dim, self.embeddings.user_dim, output_dim, dropout)
         for p in (self.position.weight, self.time.weight, self.learned_tokens, self.inner_position):
             if p is not None:
                 nn.init.normal_(p, std=1.0 / math.sqrt(dim))
@@ -362,7 +356,7 @@ class LongerEncoder(SequenceEncoder):
 
         h = self.norm_out(x)  # (B, G + k, D)
         h_c, user = h[:, 0], h[:, 1]  # (B, D) each
-        target = self.target_mlp(torch.cat([h_c, e_c.to(h_c.dtype), u.to(h_c.dtype), h_c * e_c], dim=-1))
+        target = self.target_mlp(h_c, e_c, u)
         return EncoderOutput(target=target, user=user, sequence=None, mask=cache.history_mask)
 
     def forward(self, batch: Batch) -> EncoderOutput:

@@ -157,8 +157,18 @@ def test_gradients_reach_embeddings() -> None:
     encoder = make_encoder().train()
     out = encoder(make_batch([6, 3, 0]))
     (out.target.square().sum() + out.sequence.sum()).backward()
-    emb = encoder.embeddings
-    for name, param in [
+    assert_gradients(
+        [
+            *embedding_parameters(encoder.embeddings),
+            ("rab time", encoder.layers[0].rab.time.weight),
+            ("rab position", encoder.layers[0].rab.position.weight),
+        ]
+    )
+
+
+def embedding_parameters(emb: FeatureEmbeddings) -> list[tuple[str, torch.Tensor]]:
+    """(name, table) of every `FeatureEmbeddings` table that ``FEATURES`` uses."""
+    return [
         ("item", emb.item.weight),
         ("action", emb.history_sparse["action"].weight),
         ("category", emb.history_sparse["category"].weight),
@@ -166,9 +176,12 @@ def test_gradients_reach_embeddings() -> None:
         ("duration", emb.item_dense.weight),
         ("user", emb.user.weight),
         ("age", emb.user_sparse["age"].weight),
-        ("rab time", encoder.layers[0].rab.time.weight),
-        ("rab position", encoder.layers[0].rab.position.weight),
-    ]:
+    ]
+
+
+def assert_gradients(named: list[tuple[str, torch.Tensor]]) -> None:
+    """Every parameter got a non-zero gradient."""
+    for name, param in named:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
