@@ -1,5 +1,5 @@
-"""Sequence encoders: `HSTUEncoder` (HSTU, arXiv 2402.17152) and `LongerEncoder` (LONGER, arXiv 2505.04421)
-on top of the shared `FeatureEmbeddings`."""
+"""Sequence encoders: `HSTUEncoder` (HSTU, arXiv 2402.17152), `LongerEncoder` (LONGER, arXiv 2505.04421) and
+`UltraHSTUEncoder` (ULTRA-HSTU, arXiv 2602.16986) on top of the shared `FeatureEmbeddings`."""
 
 from encoders.base import EncoderOutput, SequenceEncoder
 from encoders.embeddings import FeatureEmbeddings, symlog
@@ -14,9 +14,19 @@ from encoders.hstu import (
     hstu_attention_kernel,
 )
 from encoders.longer import LongerBlock, LongerEncoder, LongerSequenceCache
+from encoders.ultra_hstu import (
+    SLA_ATTENTION_KERNELS,
+    TransducerStream,
+    UltraHSTUEncoder,
+    UltraHSTULayer,
+    sla_attention,
+    sla_attention_kernel,
+    sla_mask,
+)
 
 __all__ = [
     "HSTU_ATTENTION_KERNELS",
+    "SLA_ATTENTION_KERNELS",
     "EncoderOutput",
     "FeatureEmbeddings",
     "HSTUEncoder",
@@ -26,9 +36,15 @@ __all__ = [
     "LongerSequenceCache",
     "RelativeAttentionBias",
     "SequenceEncoder",
+    "TransducerStream",
+    "UltraHSTUEncoder",
+    "UltraHSTULayer",
     "bucket_position_distance",
     "bucket_time_delta",
     "hstu_attention",
     "hstu_attention_kernel",
+    "sla_attention",
+    "sla_attention_kernel",
+    "sla_mask",
     "symlog",
 ]
