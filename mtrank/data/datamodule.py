@@ -5,6 +5,8 @@ Files live in ``data_dir``: ``users`` (history store) and one samples table per 
 with `mtrank.data.synth.generate`. `setup` runs the schema check (``validate``) and builds one
 `HistoryDataset` per stage; each loader takes whole index batches from a `ShardedBatchSampler`
 (training shuffles per epoch; every DDP rank gets the same number of batches, no duplicates).
+With ``length_sampling`` set, the training loader instead takes a `BalancedLengthSampler`:
+stochastic history lengths in token-balanced batches (`mtrank.data.lengths`); evaluation never cuts.
 Lightning must run with ``use_distributed_sampler=False`` (the mtrank CLI sets it).
 """
 
@@ -19,6 +21,7 @@ import pyarrow.parquet as pq
 from torch.utils.data import DataLoader
 
 from mtrank.data.dataset import HistoryDataset, ShardedBatchSampler, make_loader
+from mtrank.data.lengths import BalancedLengthSampler, LengthSampling
 from mtrank.data.schema import check_schema
 from mtrank.data.store import UserStore
 from mtrank.data.synth import SynthConfig, generate, load_config
@@ -49,6 +52,11 @@ class RankingDataModule(L.LightningDataModule):
         synth: generate a synthetic data set into ``data_dir`` when missing or stale.
         validate: run the schema check in `setup`.
         pin_memory: pin batches (for GPU training).
+        length_sampling: stochastic history lengths for TRAINING (`LengthSampling`, e.g.
+            ``{kind: hstu, alpha: 1.6}``): each training sample keeps its newest, randomly drawn
+            number of behaviours, batches are token-balanced across steps and ranks
+            (`BalancedLengthSampler`) and padded to their longest history rounded up to a multiple
+            of 8. Val/test/predict never cut. Default None: full histories, width ``features.max_len``.
     """
 
     def __init__(
@@ -69,6 +77,7 @@ class RankingDataModule(L.LightningDataModule):
         synth: SynthConfig | None = None,
         validate: bool = True,
         pin_memory: bool = False,
+        length_sampling: LengthSampling | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -89,6 +98,7 @@ class RankingDataModule(L.LightningDataModule):
         self.synth = synth
         self.validate = validate
         self.pin_memory = pin_memory
+        self.length_sampling = length_sampling
         self.store: UserStore | None = None
         self.datasets: dict[str, HistoryDataset] = {}
         self.samplers: dict[str, ShardedBatchSampler] = {}
@@ -120,6 +130,8 @@ class RankingDataModule(L.LightningDataModule):
         if tasks is None:
             raise ValueError("data.tasks is not set: link it from model.tasks (the mtrank CLI does)")
         check_tasks(tasks)
+        if self.length_sampling is not None:
+            self.length_sampling.check(features.max_len)
         return features, tasks
 
     def setup(self, stage: str | None = None) -> None:
@@ -160,9 +172,15 @@ class RankingDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self.dataset(split)
-        sampler = ShardedBatchSampler(
-            len(ds), self.batch_size if shuffle else self.eval_batch_size, shuffle=shuffle, seed=self.seed
-        )
+        sampler: ShardedBatchSampler
+        if shuffle and self.length_sampling is not None:
+            sampler = BalancedLengthSampler(
+                ds.history_len, self.batch_size, self.length_sampling, max_len=ds.max_len, seed=self.seed
+            )
+        else:
+            sampler = ShardedBatchSampler(
+                len(ds), self.batch_size if shuffle else self.eval_batch_size, shuffle=shuffle, seed=self.seed
+            )
         self.samplers[split] = sampler
         return make_loader(
             ds, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch=self.prefetch

@@ -17,6 +17,10 @@ builds a whole `Batch` for an array of sample indices in one go:
 `ShardedBatchSampler` runs in the main process and yields whole index batches (``np.ndarray``);
 give the DataLoader ``batch_size=None`` and ``sampler=<the sampler>`` (`make_loader` does), so
 workers take whole batches and never duplicate samples.
+
+Stochastic lengths (training only, `mtrank.data.lengths`): ``dataset[CutBatch(indices, cut_len)]``
+keeps only each sample's newest ``cut_len[b]`` behaviours (still left-aligned), and the batch's
+padded width shrinks to its longest history rounded up to a multiple of 8 (`padded_width`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +46,26 @@ from mtrank.spec import FeatureSpec
 log = logging.getLogger(__name__)
 
 _ALIGN = 64  # bytes; alignment of each tensor inside a batch's shared block
+WIDTH_MULTIPLE = 8  # padded history width of a cut batch: a multiple of this (or max_len)
+
+
+class CutBatch(NamedTuple):
+    """One batch of sample rows with the history length to keep for each (stochastic lengths).
+
+    Attributes:
+        indices: (b,) int64 sample rows.
+        cut_len: (b,) int64 number of newest behaviours to keep per sample (a history no longer
+            than that is kept whole).
+    """
+
+    indices: np.ndarray
+    cut_len: np.ndarray
+
+
+def padded_width(longest: int, max_len: int) -> int:
+    """History width of a cut batch: ``longest`` rounded up to a multiple of 8, at least 8, at most ``max_len``."""
+    rounded = -(-max(int(longest), 1) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    return min(int(max_len), rounded)
 
 
 class HistoryDataset(Dataset):
@@ -56,7 +80,7 @@ class HistoryDataset(Dataset):
         shared_memory: allocate batches in shared memory inside DataLoader workers (default True).
 
     ``dataset[indices]`` with an int array of sample rows (B,) returns a `Batch` of B samples; an
-    int returns a batch of one.
+    int returns a batch of one; a `CutBatch` returns the batch with cut histories (`get_batch`).
     """
 
     def __init__(
@@ -138,14 +162,23 @@ class HistoryDataset(Dataset):
     def __getitem__(self, indices: Any) -> Batch:
         return self.get_batch(indices)
 
-    def get_batch(self, indices: Any, shared: bool | None = None) -> Batch:
+    def get_batch(self, indices: Any, shared: bool | None = None, cut_len: Any = None) -> Batch:
         """The `Batch` of the samples at ``indices`` ((B,) ints).
 
         Args:
-            indices: sample rows, (B,) int array / list / tensor, or one int.
+            indices: sample rows, (B,) int array / list / tensor, or one int; or a `CutBatch`
+                (its ``cut_len`` is then used).
             shared: allocate the tensors in shared memory; default: inside a DataLoader worker
                 (when ``shared_memory``), so passing the batch to the main process copies nothing.
+            cut_len: (B,) ints >= 0, optional: keep only the newest ``cut_len[b]`` behaviours of
+                sample ``b`` (``history_len[b] = min(full length, cut_len[b])``, left-aligned as
+                always) and pad the histories to ``padded_width(max(history_len), max_len)``
+                instead of ``max_len``. None: full histories, width ``max_len``.
         """
+        if isinstance(indices, CutBatch):
+            if cut_len is not None:
+                raise ValueError("cut_len given twice: as an argument and inside the CutBatch")
+            indices, cut_len = indices
         if isinstance(indices, torch.Tensor):
             indices = indices.numpy()
         idx = np.atleast_1d(np.asarray(indices, dtype=np.int64))
@@ -159,6 +192,17 @@ class HistoryDataset(Dataset):
             shared = self.shared_memory and get_worker_info() is not None
         B, L = idx.shape[0], self.max_len
         s = self.store
+        kept = None
+        if cut_len is not None:
+            if isinstance(cut_len, torch.Tensor):
+                cut_len = cut_len.numpy()
+            cut = np.atleast_1d(np.asarray(cut_len, dtype=np.int64))
+            if cut.shape != idx.shape:
+                raise ValueError(f"cut_len has shape {cut.shape}, indices {idx.shape}")
+            if cut.size and cut.min() < 0:
+                raise ValueError("cut_len must be >= 0")
+            kept = np.minimum(self.history_len[idx], cut)
+            L = padded_width(int(kept.max()) if B else 0, self.max_len)
 
         specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {
             "sample_index": ((B,), np.dtype(np.int64)),
@@ -189,8 +233,12 @@ class HistoryDataset(Dataset):
 
         arr["sample_index"][:] = idx
         lengths = arr["history_len"]
-        np.take(self.history_len, idx, out=lengths)
-        starts = self.history_start[idx]
+        if kept is None:
+            np.take(self.history_len, idx, out=lengths)
+            starts = self.history_start[idx]
+        else:  # keep the newest `kept` behaviours: the window starts (full length - kept) later
+            lengths[:] = kept
+            starts = self.history_start[idx] + (self.history_len[idx] - kept)
         rows = self.user_row[idx]
         scalar_sources = {
             "user_id": self.user_id,
@@ -216,7 +264,7 @@ class HistoryDataset(Dataset):
         channels.update({f"hs.{k}": v for k, v in s.history_sparse.items()})
         channels.update({f"hd.{k}": v for k, v in s.history_dense.items()})
         for key, flat in channels.items():
-            self._gather_windows(key, flat, starts, out[key], arr[key])
+            self._gather_windows(key, flat, starts, out[key], arr[key], L)
             if pad is not None:
                 np.copyto(arr[key], 0, where=pad)
 
@@ -245,13 +293,13 @@ class HistoryDataset(Dataset):
         )
 
     def _gather_windows(
-        self, key: str, flat: np.ndarray, starts: np.ndarray, out: torch.Tensor, out_np: np.ndarray
+        self, key: str, flat: np.ndarray, starts: np.ndarray, out: torch.Tensor, out_np: np.ndarray, width: int
     ) -> None:
-        """out[b, :] = flat[starts[b] : starts[b] + L] (positions past the end of ``flat`` read as 0)."""
-        L, N = self.max_len, flat.shape[0]
+        """out[b, :] = flat[starts[b] : starts[b] + width] (positions past the end of ``flat`` read as 0)."""
+        L, N = width, flat.shape[0]
         if starts.size == 0:
             return
-        windows = self._window_view(key, flat)
+        windows = self._window_view(key, flat, L)
         tail = starts > N - L
         if windows is not None:
             starts_t = torch.from_numpy(np.minimum(starts, N - L))
@@ -265,18 +313,19 @@ class HistoryDataset(Dataset):
                 values[positions >= N] = 0
                 out_np[tail] = values
 
-    def _window_view(self, key: str, flat: np.ndarray) -> torch.Tensor | None:
-        """(N - L + 1, L) overlapping windows over ``flat`` as a tensor sharing its memory (None if N < L)."""
-        if key not in self._windows:
-            L, N = self.max_len, flat.shape[0]
+    def _window_view(self, key: str, flat: np.ndarray, width: int) -> torch.Tensor | None:
+        """(N - L + 1, L) overlapping windows (L = ``width``) over ``flat``, sharing its memory (None if N < L)."""
+        cache_key = key if width == self.max_len else f"{key}@{width}"
+        if cache_key not in self._windows:
+            L, N = width, flat.shape[0]
             if N < L:
-                self._windows[key] = None
+                self._windows[cache_key] = None
             else:
                 with warnings.catch_warnings():  # read-only memory map: we only ever read from it
                     warnings.simplefilter("ignore", UserWarning)
                     base = torch.from_numpy(flat)
-                self._windows[key] = base.as_strided((N - L + 1, L), (1, 1))
-        return self._windows[key]
+                self._windows[cache_key] = base.as_strided((N - L + 1, L), (1, 1))
+        return self._windows[cache_key]
 
 
 def _allocate(specs: dict[str, tuple[tuple[int, ...], np.dtype]], shared: bool) -> dict[str, torch.Tensor]:

@@ -58,7 +58,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from mtrank.batch import Batch
 from mtrank.spec import FeatureSpec, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -312,6 +314,49 @@ def _chunk(cfg: SynthConfig, items: _Items, chunk: int, u0: int, u1: int, reques
         }
     )
     return users, samples, num_requests
+
+
+def random_batch(features: FeatureSpec, history_len: list[int], width: int | None = None, seed: int = 0) -> Batch:
+    """A `Batch` of random ids and values for ``features``, without planted effects (benchmarks, FLOP counts).
+
+    Args:
+        features: sizes every id column and names every channel.
+        history_len: (B,) behaviours per row, each at most ``width``.
+        width: the padded history width L (default ``max(history_len)``, at least 1).
+        seed: torch generator seed.
+
+    Returns:
+        B rows, left-aligned histories (0 at padding) with ascending times strictly before ``ts``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    B = len(history_len)
+    L = width if width is not None else max([1, *history_len])
+    lengths = torch.tensor(history_len, dtype=torch.int64)
+    if B and int(lengths.max()) > L:
+        raise ValueError(f"random_batch: history_len {int(lengths.max())} exceeds the width {L}")
+    mask = torch.arange(L)[None, :] < lengths[:, None]  # (B, L)
+
+    def ids(vocab: int, *shape: int) -> torch.Tensor:
+        return torch.randint(0, vocab, shape, generator=g)
+
+    ts = torch.full((B,), T0 + 30 * DAY, dtype=torch.int64)
+    gaps = torch.randint(1, HOUR, (B, L), generator=g)
+    history_ts = ts[:, None] - gaps.flip(1).cumsum(1).flip(1)  # ascending, all < ts
+    return Batch(
+        sample_index=torch.arange(B),
+        user_id=ids(features.num_users, B),
+        item_id=ids(features.num_items, B),
+        ts=ts,
+        history_len=lengths,
+        history_item_id=ids(features.num_items, B, L) * mask,
+        history_ts=history_ts * mask,
+        history_sparse={n: ids(v, B, L) * mask for n, v in features.history_sparse.items()},
+        history_dense={n: torch.rand(B, L, generator=g) * 100 * mask for n in features.history_dense},
+        item_sparse={n: ids(v, B) for n, v in features.item_sparse.items()},
+        item_dense={n: torch.rand(B, generator=g) * 60 for n in features.item_dense},
+        user_sparse={n: ids(v, B) for n, v in features.user_sparse.items()},
+        user_dense={n: torch.rand(B, generator=g) for n in features.user_dense},
+    )
 
 
 def generate(config: SynthConfig, out_dir: str | Path) -> dict[str, Path]:
