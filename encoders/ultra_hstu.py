@@ -164,6 +164,7 @@ def build_sla_layout(
     num_time_buckets: int,
     max_distance: int,
     constant_n: float | None,
+    block_size: int = 64,
 ) -> SLALayout:
     """The `SLALayout` of a left-aligned sequence (built once per layout, shared by its layers).
 
@@ -178,15 +179,18 @@ def build_sla_layout(
         num_position_buckets, num_time_buckets: relative bias sizes (0: that bias off).
         max_distance: the largest position distance (for the log-spaced position buckets).
         constant_n: the attention normaliser, or None for the number of keys of each query.
+        block_size: queries per block of the local band (capped at K1); each block's key window is
+            ``block + K1 - 1`` keys, so a query costs about ``K1 + block`` keys instead of ``W``. When
+            that window would reach the whole sequence, one block of all ``W`` queries and keys is used.
     """
     B, W = valid.shape
     device = valid.device
     k1 = max(1, min(local_window, W))
-    nb = max(1, -(-W // k1))
-    if nb == 1:  # one block: every key is in the window
-        block, key_raw = W, torch.arange(W, device=device).unsqueeze(0)  # (1, W)
+    block = max(1, min(block_size, k1))
+    if block + k1 - 1 >= W:  # one block: every key is in the window
+        nb, block, key_raw = 1, W, torch.arange(W, device=device).unsqueeze(0)  # (1, W)
     else:
-        block = k1
+        nb = -(-W // block)
         starts = torch.arange(nb, device=device) * block - (k1 - 1)
         key_raw = starts.unsqueeze(1) + torch.arange(block + k1 - 1, device=device)  # (nb, Wk)
     in_range = (key_raw >= 0) & (key_raw < W)  # (nb, Wk)
@@ -442,6 +446,8 @@ class UltraHSTUEncoder(SequenceEncoder):
         num_context_tokens: P, tokens of user features in front of the history (0: none).
         local_window: K1, the SLA local window in tokens (default: unbounded, i.e. full causal attention).
         global_prefix: K2, the SLA global prefix in tokens (default and minimum: P).
+        sla_block_size: queries per block of the reference SLA's local band (cost per query about
+            ``K1 + sla_block_size`` keys; smaller blocks waste less, larger ones make bigger matmuls).
         full_layers: layers that see the whole sequence before truncation (default: all, no truncation).
         tail_len: tokens of each row's sequence kept by the truncated layers (required with ``full_layers``).
         streams: the mixture of transducers' behaviour streams (default: one stream, the whole history).
@@ -470,6 +476,7 @@ class UltraHSTUEncoder(SequenceEncoder):
         num_context_tokens: int = 1,
         local_window: int | None = None,
         global_prefix: int | None = None,
+        sla_block_size: int = 64,
         full_layers: int | None = None,
         tail_len: int | None = None,
         streams: list[TransducerStream] | None = None,
@@ -491,6 +498,8 @@ class UltraHSTUEncoder(SequenceEncoder):
             )
         if num_layers < 1 or num_context_tokens < 0:
             raise ValueError(f"{name}: need num_layers >= 1 and num_context_tokens >= 0")
+        if sla_block_size < 1:
+            raise ValueError(f"{name}: sla_block_size must be >= 1, got {sla_block_size}")
         if local_window is not None and local_window < 1:
             raise ValueError(f"{name}: local_window must be >= 1, got {local_window}")
         if global_prefix is not None and global_prefix < num_context_tokens:
@@ -534,6 +543,7 @@ class UltraHSTUEncoder(SequenceEncoder):
         self.num_context_tokens = num_context_tokens
         self.local_window = local_window
         self.global_prefix = num_context_tokens if global_prefix is None else global_prefix
+        self.sla_block_size = sla_block_size
         self.full_layers = num_layers if full_layers is None else full_layers
         self.tail_len = tail_len
         self.streams = streams
@@ -661,6 +671,7 @@ class UltraHSTUEncoder(SequenceEncoder):
             self.num_time_buckets,
             self.max_tokens,
             float(self.max_tokens + 1) if self.attention_norm == "max_len" else None,
+            self.sla_block_size,
         )
 
     def truncate(self, seq: _Sequence, tokens: Tensor) -> tuple[_Sequence, Tensor]:

@@ -70,8 +70,11 @@ def dense_reference(x, c, valid, position, ts, cand_pos, cand_ts, layer, k1, k2)
     return out[:, :W], out[:, W:]
 
 
-@pytest.mark.parametrize(("k1", "k2", "W"), [(1, 0, 7), (2, 3, 9), (3, 1, 10), (4, 4, 5), (5, 2, 13), (50, 0, 9)])
-def test_sla_layer_matches_the_dense_rule(k1: int, k2: int, W: int) -> None:
+@pytest.mark.parametrize(
+    ("k1", "k2", "W", "block"),
+    [(1, 0, 7, 64), (2, 3, 9, 1), (3, 1, 10, 2), (4, 4, 5, 64), (5, 2, 13, 3), (50, 0, 9, 4), (6, 2, 20, 64)],
+)
+def test_sla_layer_matches_the_dense_rule(k1: int, k2: int, W: int, block: int) -> None:
     torch.manual_seed(k1 * 10 + k2)
     B, D = 3, 8
     lengths = torch.tensor([W, W - 2, 1])
@@ -82,7 +85,7 @@ def test_sla_layer_matches_the_dense_rule(k1: int, k2: int, W: int) -> None:
     layer = UltraHSTULayer(D, 2, 4, 4, num_position_buckets=8, num_time_buckets=16).double()
     x = torch.randn(B, W, D, dtype=torch.double) * valid[..., None]
     c = torch.randn(B, 1, D, dtype=torch.double)
-    layout = build_sla_layout(position, valid, ts, cand_pos, cand_ts, k1, k2, 8, 16, 40, None)
+    layout = build_sla_layout(position, valid, ts, cand_pos, cand_ts, k1, k2, 8, 16, 40, None, block)
     got_x, got_c = layer(x, c, valid, layout)
     want_x, want_c = dense_reference(x, c, valid, position, ts, cand_pos, cand_ts, layer, k1, k2)
     torch.testing.assert_close(got_x, want_x)
@@ -122,12 +125,15 @@ def test_ultra_hstu_with_every_part_off_is_the_hstu_encoder() -> None:
 
 
 def test_sla_costs_scale_with_the_window_not_the_sequence() -> None:
-    W, k1, k2 = 512, 16, 4
+    W, k1, k2, block = 512, 16, 4, 8
     valid = torch.ones(1, W, dtype=torch.bool)
     position = torch.arange(W)[None]
-    layout = build_sla_layout(position, valid, position, torch.tensor([W]), torch.tensor([W]), k1, k2, 0, 0, W, None)
+    layout = build_sla_layout(
+        position, valid, position, torch.tensor([W]), torch.tensor([W]), k1, k2, 0, 0, W, None, block
+    )
     nb, Wk = layout.key_index.shape
-    assert layout.block * nb * Wk <= W * 2 * k1
+    assert layout.block == block and Wk == block + k1 - 1
+    assert layout.block * nb * Wk == W * (k1 + block - 1)
     assert layout.global_mask.shape == (1, W, k2)
     # every query sees its window and the prefix, and nothing else
     keys = layout.n_sequence.view(W)
