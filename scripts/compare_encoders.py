@@ -1,0 +1,191 @@
+"""Train HSTU, LONGER and ULTRA-HSTU with the same budget on long synthetic histories and tabulate them.
+
+    python scripts/compare_encoders.py --out compare.json            # CPU, history length 512
+    python scripts/compare_encoders.py --accelerator gpu --precision bf16-mixed --max-len 1024 --epochs 3
+
+Generates (once) a synthetic data set (`mtrank.data.synth`) whose users have about
+``--history-mean`` behaviours before the sample window, so most samples carry a full history of
+``--max-len`` behaviours. Each encoder's config is the repository's (``configs/quickstart.yaml``
+for HSTU, ``configs/longer.yaml``, ``configs/ultra_hstu.yaml``) with the data, features, batch
+size, epochs and loggers replaced so that all three see the same samples in the same order, and
+with the long-sequence settings of `LONG_SEQUENCE_SETTINGS` (LONGER's recent queries and ULTRA-HSTU's
+SLA window and truncation tail scaled to the longer history). Heads, optimiser and schedule are
+unchanged. Each run is a separate ``mtrank fit`` process.
+
+Reported per encoder: the last validation's AUC and GAUC of every binary task (and the regression
+tasks' loss), forward FLOPs per sample at a full history (`scripts/encoder_flops.py`'s counter:
+total and attention), and training samples/s (``perf/epoch_train_samples_per_s``, validation
+excluded). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encoder_flops import count_flops
+
+from mtrank.data.synth import SynthConfig, random_batch
+from mtrank.spec import FeatureSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"HSTU": "quickstart.yaml", "LONGER": "longer.yaml", "ULTRA-HSTU": "ultra_hstu.yaml"}
+
+
+def long_sequence_settings(max_len: int) -> dict[str, dict[str, Any]]:
+    """Encoder init_args replaced for a history of ``max_len`` behaviours (the configs are sized for 64)."""
+    return {
+        "HSTU": {},
+        "LONGER": {"merge_k": 4, "num_recent_queries": max(8, max_len // 16)},  # 512 -> 128 merged, 32 queries
+        "ULTRA-HSTU": {
+            "local_window": max(16, max_len // 8),  # 512 -> K1 = 64
+            "global_prefix": 8,
+            "full_layers": 1,
+            "tail_len": max(32, max_len // 4),  # 512 -> the newest 128 tokens after layer 1
+            "streams": [
+                {"name": "all"},
+                {"name": "engaged", "channel": "action", "values": [1, 2, 3], "max_len": max(32, max_len // 4)},
+            ],
+        },
+    }
+
+
+def run_config(name: str, args: argparse.Namespace, synth: dict[str, Any], run_dir: Path) -> Path:
+    """Write the config of encoder ``name`` for this comparison; return its path."""
+    config = yaml.safe_load((ROOT / "configs" / CONFIGS[name]).read_text())
+    model, data, trainer = config["model"], config["data"], config["trainer"]
+    model["features"].update(num_users=synth["num_users"], num_items=synth["num_items"], max_len=args.max_len)
+    model["encoder"]["init_args"].update(long_sequence_settings(args.max_len)[name])
+    data.update(data_dir=str(args.data_dir), synth=synth, batch_size=args.batch_size, num_workers=0)
+    config["seed_everything"] = args.seed
+    trainer.update(
+        accelerator=args.accelerator,
+        devices=1,
+        max_epochs=args.epochs,
+        val_check_interval=1.0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(run_dir),
+        logger=[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}}],
+        callbacks=[{"class_path": "mtrank.callbacks.ThroughputMonitor", "init_args": {"every_n_steps": 50}}],
+    )
+    if args.precision:
+        trainer["precision"] = args.precision
+    if args.limit_train_batches:
+        trainer["limit_train_batches"] = args.limit_train_batches
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def read_metrics(run_dir: Path) -> dict[str, float]:
+    """The last logged value of every ``val/`` and ``perf/epoch`` metric of the run's CSV log."""
+    (metrics_file,) = sorted(run_dir.glob("lightning_logs/version_*/metrics.csv"))[-1:]
+    values: dict[str, list[float]] = {}
+    for row in csv.DictReader(metrics_file.open()):
+        for key, value in row.items():
+            if value and key.startswith(("val/", "perf/epoch")):
+                values.setdefault(key, []).append(float(value))
+    out = {k: v[-1] for k, v in values.items()}
+    if "perf/epoch_train_samples_per_s" in values:  # mean over epochs
+        rates = values["perf/epoch_train_samples_per_s"]
+        out["perf/epoch_train_samples_per_s"] = sum(rates) / len(rates)
+    return out
+
+
+def encoder_flops(config_path: Path) -> dict[str, int]:
+    """Forward FLOPs per sample of the config's encoder on one full history."""
+    config = yaml.safe_load(config_path.read_text())
+    features = FeatureSpec(**config["model"]["features"])
+    module, _, cls = config["model"]["encoder"]["class_path"].rpartition(".")
+    torch.manual_seed(0)
+    encoder = getattr(importlib.import_module(module), cls)(features, **config["model"]["encoder"]["init_args"])
+    return count_flops(encoder.eval(), random_batch(features, [features.max_len]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoders", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--users", type=int, default=1500)
+    parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument("--history-mean", type=float, default=700.0)
+    parser.add_argument("--samples-per-user", type=float, default=40.0)
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: data/long<max-len>")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--limit-train-batches", type=float, default=None)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--precision", default=None, help="e.g. bf16-mixed on a GPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--out", type=Path, default=Path("compare_encoders.json"))
+    args = parser.parse_args(argv)
+    args.data_dir = args.data_dir or ROOT / "data" / f"long{args.max_len}"
+    synth = {
+        "num_users": args.users,
+        "num_items": args.items,
+        "num_categories": 20,
+        "history_mean": args.history_mean,
+        "samples_per_user": args.samples_per_user,
+        "max_len": args.max_len,
+        "seed": args.seed,
+    }
+    SynthConfig(**synth)  # refuse bad sizes before any run
+
+    results = []
+    for name in args.encoders:
+        run_dir = (args.runs / name.lower()).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = run_config(name, args, synth, run_dir)
+        print(f"== {name}: mtrank fit --config {config}", flush=True)
+        start = time.perf_counter()
+        env = {**os.environ, "WANDB_MODE": "offline"}
+        proc = subprocess.run([sys.executable, "-m", "mtrank", "fit", "--config", str(config)], env=env, cwd=ROOT)
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            print(f"{name}: mtrank fit failed with exit code {proc.returncode}", file=sys.stderr)
+            return proc.returncode
+        metrics = read_metrics(run_dir)
+        results.append({"encoder": name, "wall_s": wall, "flops": encoder_flops(config), "metrics": metrics})
+
+    tasks = sorted({k.split("/")[1] for r in results for k in r["metrics"] if k.endswith("/auc")})
+    header = f"{'encoder':<11} | " + " | ".join(f"{t + ' AUC/GAUC':>20}" for t in tasks)
+    header += f" | {'GFLOP/sample':>12} | {'attn GFLOP':>10} | {'train samples/s':>15}"
+    print(f"\nmax_len {args.max_len}, batch {args.batch_size}, {args.epochs} epoch(s), {args.accelerator}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        m = r["metrics"]
+        nan = float("nan")
+        cells = [f"{m.get(f'val/{t}/auc', nan):.4f} / {m.get(f'val/{t}/gauc', nan):.4f}" for t in tasks]
+        rate = m.get("perf/epoch_train_samples_per_s", float("nan"))
+        print(
+            f"{r['encoder']:<11} | "
+            + " | ".join(f"{c:>20}" for c in cells)
+            + f" | {r['flops']['total'] / 1e9:>12.3f} | {r['flops']['attention'] / 1e9:>10.3f} | {rate:>15.0f}"
+        )
+    device = torch.cuda.get_device_name() if args.accelerator == "gpu" and torch.cuda.is_available() else None
+    meta = {**vars(args), "data_dir": str(args.data_dir), "runs": str(args.runs), "out": str(args.out)}
+    meta.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), device=device)
+    meta["torch"] = torch.__version__
+    args.out.write_text(json.dumps({"settings": meta, "results": results}, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
