@@ -30,10 +30,13 @@ setting of `UltraHSTUEncoder`, so each can be switched off for an ablation:
    embedding tables and the contextual prefix; the streams' candidate states are fused by a sum or
    by concatenation + a linear layer.
 6. **Selective activation recomputation** (``recompute="selective"``): each layer runs under
-   `torch.utils.checkpoint` with a selective policy that *saves* the outputs of the matrix
-   products (the expensive part) and *recomputes* everything else — LayerNorms, SiLUs, the bias
-   gather and add, masking, normalising, gating — in the backward pass. ``"full"`` recomputes the
-   whole layer, ``"none"`` stores everything. `scripts/bench_recompute.py` measures the memory saved.
+   `torch.utils.checkpoint` with a selective policy that *saves* the outputs of the layer's linear
+   projections (``f1``, ``f2``: the expensive matrix products with the weights) and *recomputes*
+   everything else in the backward pass — LayerNorms, SiLUs, the relative-bias gather and add,
+   masking, normalising, gating, and the attention's score and value products (which grow with
+   the window, and which a fused attention kernel recomputes in its backward pass anyway).
+   ``"full"`` recomputes whole layers, ``"none"`` stores everything. `scripts/bench_recompute.py`
+   measures the memory saved and the time it costs.
 7. **Load-balanced stochastic length sampling** lives in the data loader (`mtrank.data.lengths`):
    the encoder accepts any history width up to ``features.max_len``.
 
@@ -348,16 +351,11 @@ def sla_attention_kernel(kernel: str) -> Callable[..., tuple[Tensor, Tensor]]:
 
 # ------------------------------------------------------------------------------------------ recompute
 
-_SAVED_OPS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten.addmm.default,
-    torch.ops.aten.bmm.default,
-    torch.ops.aten.baddbmm.default,
-}
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 
 
 def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Save matrix-product outputs; recompute norms, activations, bias gathers, masks and gates."""
+    """Save the linear projections' outputs (``mm``/``addmm``); recompute norms, activations, attention, gates."""
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 

@@ -11,8 +11,9 @@ One `UltraHSTUEncoder` (same weights in every mode) on a batch of full histories
 - ``peak`` (CUDA only): ``max_memory_allocated`` over forward + backward, minus the memory before;
 - ``step``: median seconds of forward + backward over ``--repeats`` runs.
 
-``selective`` saves the outputs of the matrix products and recomputes norms, activations, the
-relative-bias gather, masks and gates in the backward pass; ``full`` recomputes whole layers.
+``selective`` saves the outputs of the linear projections and recomputes norms, activations, the
+attention products, the relative-bias gather, masks and gates in the backward pass; ``full``
+recomputes whole layers.
 Prints a table (``none`` is the baseline) and writes JSON.
 """
 
