@@ -8,12 +8,13 @@ Generates (once) a synthetic data set (`mtrank.data.synth`) whose users have abo
 ``--max-len`` behaviours. Each encoder's config is the repository's (``configs/quickstart.yaml``
 for HSTU, ``configs/longer.yaml``, ``configs/ultra_hstu.yaml``) with the data, features, batch
 size, epochs and loggers replaced so that all three see the same samples in the same order, and
-with the long-sequence settings of `LONG_SEQUENCE_SETTINGS` (LONGER's recent queries and ULTRA-HSTU's
+with the long-sequence settings of `long_sequence_settings` (LONGER's recent queries and ULTRA-HSTU's
 SLA window and truncation tail scaled to the longer history). Heads, optimiser and schedule are
-unchanged. Each run is a separate ``mtrank fit`` process.
+unchanged. ``ULTRA-HSTU+SL`` is ULTRA-HSTU trained with load-balanced stochastic length sampling
+(``data.length_sampling: {kind: hstu, alpha: 1.6}``); evaluation always sees whole histories.
+Each run is a separate ``mtrank fit`` process.
 
-Reported per encoder: the last validation's AUC and GAUC of every binary task (and the regression
-tasks' loss), forward FLOPs per sample at a full history (`scripts/encoder_flops.py`'s counter:
+Reported per encoder: the last validation's AUC and GAUC of every binary task, forward FLOPs per sample at a full history (`scripts/encoder_flops.py`'s counter:
 total and attention), and training samples/s (``perf/epoch_train_samples_per_s``, validation
 excluded). Prints a table and writes JSON.
 """
@@ -42,24 +43,32 @@ from mtrank.data.synth import SynthConfig, random_batch
 from mtrank.spec import FeatureSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"HSTU": "quickstart.yaml", "LONGER": "longer.yaml", "ULTRA-HSTU": "ultra_hstu.yaml"}
+CONFIGS = {
+    "HSTU": "quickstart.yaml",
+    "LONGER": "longer.yaml",
+    "ULTRA-HSTU": "ultra_hstu.yaml",
+    "ULTRA-HSTU+SL": "ultra_hstu.yaml",  # plus load-balanced stochastic length sampling in training
+}
+LENGTH_SAMPLING = {"ULTRA-HSTU+SL": {"kind": "hstu", "alpha": 1.6}}
 
 
 def long_sequence_settings(max_len: int) -> dict[str, dict[str, Any]]:
     """Encoder init_args replaced for a history of ``max_len`` behaviours (the configs are sized for 64)."""
+    ultra = {
+        "local_window": max(16, max_len // 8),  # 512 -> K1 = 64
+        "global_prefix": 8,
+        "full_layers": 1,
+        "tail_len": max(32, max_len // 4),  # 512 -> the newest 128 tokens after layer 1
+        "streams": [
+            {"name": "all"},
+            {"name": "engaged", "channel": "action", "values": [1, 2, 3], "max_len": max(32, max_len // 4)},
+        ],
+    }
     return {
         "HSTU": {},
         "LONGER": {"merge_k": 4, "num_recent_queries": max(8, max_len // 16)},  # 512 -> 128 merged, 32 queries
-        "ULTRA-HSTU": {
-            "local_window": max(16, max_len // 8),  # 512 -> K1 = 64
-            "global_prefix": 8,
-            "full_layers": 1,
-            "tail_len": max(32, max_len // 4),  # 512 -> the newest 128 tokens after layer 1
-            "streams": [
-                {"name": "all"},
-                {"name": "engaged", "channel": "action", "values": [1, 2, 3], "max_len": max(32, max_len // 4)},
-            ],
-        },
+        "ULTRA-HSTU": ultra,
+        "ULTRA-HSTU+SL": ultra,
     }
 
 
@@ -70,6 +79,8 @@ def run_config(name: str, args: argparse.Namespace, synth: dict[str, Any], run_d
     model["features"].update(num_users=synth["num_users"], num_items=synth["num_items"], max_len=args.max_len)
     model["encoder"]["init_args"].update(long_sequence_settings(args.max_len)[name])
     data.update(data_dir=str(args.data_dir), synth=synth, batch_size=args.batch_size, num_workers=0)
+    if name in LENGTH_SAMPLING:
+        data["length_sampling"] = LENGTH_SAMPLING[name]
     config["seed_everything"] = args.seed
     trainer.update(
         accelerator=args.accelerator,
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"encoder": name, "wall_s": wall, "flops": encoder_flops(config), "metrics": metrics})
 
     tasks = sorted({k.split("/")[1] for r in results for k in r["metrics"] if k.endswith("/auc")})
-    header = f"{'encoder':<11} | " + " | ".join(f"{t + ' AUC/GAUC':>20}" for t in tasks)
+    header = f"{'encoder':<13} | " + " | ".join(f"{t + ' AUC/GAUC':>20}" for t in tasks)
     header += f" | {'GFLOP/sample':>12} | {'attn GFLOP':>10} | {'train samples/s':>15}"
     print(f"\nmax_len {args.max_len}, batch {args.batch_size}, {args.epochs} epoch(s), {args.accelerator}")
     print(header)
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{m.get(f'val/{t}/auc', nan):.4f} / {m.get(f'val/{t}/gauc', nan):.4f}" for t in tasks]
         rate = m.get("perf/epoch_train_samples_per_s", float("nan"))
         print(
-            f"{r['encoder']:<11} | "
+            f"{r['encoder']:<13} | "
             + " | ".join(f"{c:>20}" for c in cells)
             + f" | {r['flops']['total'] / 1e9:>12.3f} | {r['flops']['attention'] / 1e9:>10.3f} | {rate:>15.0f}"
         )

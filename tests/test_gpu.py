@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from encoders import HSTUEncoder
+from encoders import HSTUEncoder, LongerEncoder, UltraHSTUEncoder
 from heads import MMoE
 from mtrank.data.datamodule import RankingDataModule
 from mtrank.data.synth import SynthConfig
@@ -19,17 +19,32 @@ pytestmark = pytest.mark.gpu
 SYNTH = SynthConfig(num_users=600, num_items=400, history_mean=60, samples_per_user=40, max_len=32, seed=4)
 
 
-def build(tmp_path: Path) -> tuple[RankingModule, RankingDataModule]:
+ENCODERS = {
+    "hstu": partial(HSTUEncoder, dim=32, num_heads=2),
+    "longer": partial(LongerEncoder, dim=32, num_heads=2, merge_k=4, num_recent_queries=4),
+    "ultra_hstu": partial(
+        UltraHSTUEncoder,
+        dim=32,
+        num_heads=2,
+        local_window=8,
+        global_prefix=2,
+        full_layers=1,
+        tail_len=16,
+        streams=[{"name": "all"}, {"name": "engaged", "channel": "action", "values": [1, 2, 3], "max_len": 16}],
+    ),
+}
+
+
+def build(tmp_path: Path, encoder: str = "hstu") -> tuple[RankingModule, RankingDataModule]:
     torch.manual_seed(0)
     data = RankingDataModule(str(tmp_path / "data"), synth=SYNTH, batch_size=256, num_workers=0, pin_memory=True)
-    model = RankingModule(
-        SYNTH.tasks(), SYNTH.features(), encoder=partial(HSTUEncoder, dim=32, num_heads=2), heads=partial(MMoE)
-    )
+    model = RankingModule(SYNTH.tasks(), SYNTH.features(), encoder=ENCODERS[encoder], heads=partial(MMoE))
     return model, data
 
 
-def test_cuda_forward_matches_cpu(tmp_path: Path) -> None:
-    model, data = build(tmp_path)
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_cuda_forward_matches_cpu(tmp_path: Path, encoder: str) -> None:
+    model, data = build(tmp_path, encoder)
     data.prepare_data()
     data.setup("fit")
     batch = next(iter(data.val_dataloader()))
@@ -41,8 +56,9 @@ def test_cuda_forward_matches_cpu(tmp_path: Path) -> None:
         torch.testing.assert_close(gpu.logits[task].cpu(), logit, atol=2e-4, rtol=1e-3)
 
 
-def test_bf16_mixed_training_on_cuda(tmp_path: Path) -> None:
-    model, data = build(tmp_path)
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_bf16_mixed_training_on_cuda(tmp_path: Path, encoder: str) -> None:
+    model, data = build(tmp_path, encoder)
     trainer = L.Trainer(
         accelerator="gpu",
         devices=1,
