@@ -14,9 +14,9 @@ unchanged. ``ULTRA-HSTU+SL`` is ULTRA-HSTU trained with load-balanced stochastic
 (``data.length_sampling: {kind: hstu, alpha: 1.6}``); evaluation always sees whole histories.
 Each run is a separate ``mtrank fit`` process.
 
-Reported per encoder: the last validation's AUC and GAUC of every binary task, forward FLOPs per sample at a full history (`scripts/encoder_flops.py`'s counter:
-total and attention), and training samples/s (``perf/epoch_train_samples_per_s``, validation
-excluded). Prints a table and writes JSON.
+Reported per encoder: the last validation's AUC and GAUC of every binary task, forward FLOPs per
+sample at a full history (`scripts/encoder_flops.py`'s counter: total and attention), and training
+samples/s (``perf/epoch_train_samples_per_s``, validation excluded). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -169,17 +169,22 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - start
         if proc.returncode:
             print(f"{name}: mtrank fit failed with exit code {proc.returncode}", file=sys.stderr)
-            return proc.returncode
+            results.append({"encoder": name, "wall_s": wall, "failed": proc.returncode})
+            continue
         metrics = read_metrics(run_dir)
         results.append({"encoder": name, "wall_s": wall, "flops": encoder_flops(config), "metrics": metrics})
+        args.out.write_text(json.dumps({"settings": _settings(args), "results": results}, indent=2))
 
-    tasks = sorted({k.split("/")[1] for r in results for k in r["metrics"] if k.endswith("/auc")})
+    tasks = sorted({k.split("/")[1] for r in results for k in r.get("metrics", {}) if k.endswith("/auc")})
     header = f"{'encoder':<13} | " + " | ".join(f"{t + ' AUC/GAUC':>20}" for t in tasks)
     header += f" | {'GFLOP/sample':>12} | {'attn GFLOP':>10} | {'train samples/s':>15}"
     print(f"\nmax_len {args.max_len}, batch {args.batch_size}, {args.epochs} epoch(s), {args.accelerator}")
     print(header)
     print("-" * len(header))
     for r in results:
+        if "failed" in r:
+            print(f"{r['encoder']:<13} | failed (exit code {r['failed']})")
+            continue
         m = r["metrics"]
         nan = float("nan")
         cells = [f"{m.get(f'val/{t}/auc', nan):.4f} / {m.get(f'val/{t}/gauc', nan):.4f}" for t in tasks]
@@ -189,13 +194,17 @@ def main(argv: list[str] | None = None) -> int:
             + " | ".join(f"{c:>20}" for c in cells)
             + f" | {r['flops']['total'] / 1e9:>12.3f} | {r['flops']['attention'] / 1e9:>10.3f} | {rate:>15.0f}"
         )
+    args.out.write_text(json.dumps({"settings": _settings(args), "results": results}, indent=2))
+    print(f"\nwrote {args.out}")
+    return 1 if any("failed" in r for r in results) else 0
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" and torch.cuda.is_available() else None
     meta = {**vars(args), "data_dir": str(args.data_dir), "runs": str(args.runs), "out": str(args.out)}
     meta.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), device=device)
     meta["torch"] = torch.__version__
-    args.out.write_text(json.dumps({"settings": meta, "results": results}, indent=2))
-    print(f"\nwrote {args.out}")
-    return 0
+    return meta
 
 
 if __name__ == "__main__":
