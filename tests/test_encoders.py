@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from encoders import FeatureEmbeddings, HSTUEncoder, bucket_position_distance, hstu_attention
 from mtrank.batch import Batch
+from mtrank.data.synth import random_batch
 from mtrank.spec import FeatureSpec
 
 FEATURES = FeatureSpec(
@@ -27,31 +28,21 @@ FEATURES = FeatureSpec(
 
 def make_batch(history_len: list[int], L: int = 6, seed: int = 0, id_dtype: torch.dtype = torch.int64) -> Batch:
     """A random `Batch` for ``FEATURES``, left-aligned histories, 0 at padding, times before ``ts``."""
-    g = torch.Generator().manual_seed(seed)
-    B = len(history_len)
-    lengths = torch.tensor(history_len, dtype=torch.int64)
-    mask = torch.arange(L)[None, :] < lengths[:, None]  # (B, L)
+    batch = random_batch(FEATURES, history_len, L, seed)
+    if id_dtype == torch.int64:
+        return batch
 
-    def ids(vocab: int, *shape: int) -> torch.Tensor:
-        return torch.randint(0, vocab, shape, generator=g).to(id_dtype)
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(id_dtype)
 
-    ts = torch.full((B,), 1_700_000_000, dtype=torch.int64)
-    gaps = torch.randint(1, 100_000, (B, L), generator=g)
-    history_ts = ts[:, None] - gaps.flip(1).cumsum(1).flip(1)  # ascending, all < ts
-    return Batch(
-        sample_index=torch.arange(B),
-        user_id=ids(FEATURES.num_users, B),
-        item_id=ids(FEATURES.num_items, B),
-        ts=ts,
-        history_len=lengths,
-        history_item_id=ids(FEATURES.num_items, B, L) * mask,
-        history_ts=history_ts * mask,
-        history_sparse={n: ids(v, B, L) * mask for n, v in FEATURES.history_sparse.items()},
-        history_dense={"watch": torch.rand(B, L, generator=g) * 100 * mask},
-        item_sparse={"category": ids(6, B)},
-        item_dense={"duration": torch.rand(B, generator=g) * 60},
-        user_sparse={"age": ids(5, B)},
-        user_dense={"activity": torch.rand(B, generator=g)},
+    return dataclasses.replace(
+        batch,
+        user_id=cast(batch.user_id),
+        item_id=cast(batch.item_id),
+        history_item_id=cast(batch.history_item_id),
+        history_sparse={n: cast(t) for n, t in batch.history_sparse.items()},
+        item_sparse={n: cast(t) for n, t in batch.item_sparse.items()},
+        user_sparse={n: cast(t) for n, t in batch.user_sparse.items()},
     )
 
 
