@@ -71,6 +71,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from encoders.base import EncoderOutput, SequenceEncoder, TargetMLP
@@ -78,6 +79,18 @@ from encoders.embeddings import FeatureEmbeddings
 from encoders.hstu import bucket_time_delta
 from mtrank.batch import Batch
 from mtrank.spec import FeatureSpec
+
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Softmax attention with a boolean mask; on CUDA without cuDNN's kernel, which fails on these masks
+    in bf16 (torch 2.11, H100: ``mha_graph.execute`` is not good)."""
+    if q.is_cuda:
+        with sdpa_kernel(_CUDA_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
 
 NUM_TIME_BUCKETS = 64  # bucket_time_delta: 1 s -> 0, 1 day -> 37, 1 year -> 57
 
@@ -139,7 +152,7 @@ class LongerBlock(nn.Module):
         k, v = self.key_values(x if kv_tokens is None else kv_tokens)  # (B, H, N0, d)
         if extra_k is not None:
             k, v = torch.cat([k, extra_k.to(k.dtype)], dim=2), torch.cat([v, extra_v.to(v.dtype)], dim=2)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # (B, H, Q, d)
+        attn = _attention(q, k, v, mask.unsqueeze(1))  # (B, H, Q, d)
         x = x + self.dropout(self.out_proj(attn.transpose(1, 2).reshape(B, Q, D)))
         return x + self.dropout(self.mlp(self.norm2(x)))
 

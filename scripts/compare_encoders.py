@@ -97,6 +97,8 @@ def run_config(name: str, args: argparse.Namespace, synth: dict[str, Any], run_d
         trainer["precision"] = args.precision
     if args.limit_train_batches:
         trainer["limit_train_batches"] = args.limit_train_batches
+    if args.limit_val_batches:
+        trainer["limit_val_batches"] = args.limit_val_batches
     path = run_dir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--limit-train-batches", type=float, default=None)
+    parser.add_argument("--limit-val-batches", type=float, default=None)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default=None, help="e.g. bf16-mixed on a GPU")
     parser.add_argument("--seed", type=int, default=0)
