@@ -12,9 +12,13 @@ Pipeline, on a `Batch` with ``B`` rows and a left-aligned history of padded widt
    only the newest group of a row can be partial). Each group runs through an **InnerTransformer**
    (``inner_layers`` pre-LN softmax self-attention + MLP blocks, attention within the group only,
    padded slots masked as keys, plus a learned within-group position embedding); the K outputs, with
-   padded slots zeroed, are concatenated and projected ``K·D -> D`` into one merged token (concat keeps
-   the order inside the group, which mean pooling would lose). A group is valid iff it holds at least
-   one valid behaviour, so a row has ``m_b = ceil(history_len[b] / K)`` merged tokens of the
+   padded slots zeroed, are concatenated and projected ``K·D -> D`` (concat keeps the order inside the
+   group, which mean pooling would lose). The merged token is a *residual* merge (see "Choices"):
+
+       merged_g = mean(valid behaviour tokens of g) + γ ⊙ LayerNorm(W_merge · concat(InnerTransformer(g)))
+
+   with ``γ`` a learned per-channel gain starting at ``MERGE_GATE_INIT``. A group is valid iff it holds
+   at least one valid behaviour, so a row has ``m_b = ceil(history_len[b] / K)`` merged tokens of the
    ``M = ceil(L / K)``. ``K = 1`` is merging off, exactly: no InnerTransformer is built and the merged
    tokens *are* the behaviour tokens.
 3. **Global tokens** (B, G, D), ``G = 2 + num_learned_global_tokens``, in this order: the candidate
@@ -25,7 +29,8 @@ Pipeline, on a `Batch` with ``B`` rows and a left-aligned history of padded widt
    ``max(0, m_b - k) .. m_b - 1``, gathered, masked where ``m_b < k``) and whose keys/values are the
    global tokens plus the *whole* merged sequence; layers 2.. are self-attention among those
    ``G + k`` queries only. Every layer is a standard pre-LN transformer block: softmax
-   `scaled_dot_product_attention` with a boolean mask, residual, GELU MLP, residual.
+   `scaled_dot_product_attention` with a boolean mask, residual, GELU MLP, residual. Layer 1's
+   projections start as the identity (see "Choices").
 5. **Output**: a final LayerNorm; ``target`` = MLP over ``[h_c, e_c, u, h_c ⊙ e_c]`` as in
    `HSTUEncoder` (the candidate global token's final state, the candidate embedding, the user
    features, the product); ``user`` = the user global token's final state.
@@ -33,19 +38,46 @@ Pipeline, on a `Batch` with ``B`` rows and a left-aligned history of padded widt
 The attention mask (query q, key j), on merged positions for sequence tokens:
 
     q may attend j  <=>  j is valid
-                         and (j is not the candidate  or  q is the candidate)
+                         and j is not the candidate
                          and (q or j is a global token  or  position(j) <= position(q))
 
 So sequence tokens are causal among themselves (merged position ``i`` sees ``j <= i``) and see the
 global tokens; the global tokens see every valid sequence token; an empty history leaves the globals
-attending to the globals only.
+attending to the (non-candidate) globals only; the user token is always a key, so every query has one.
 
-**The candidate token is a key for itself only** (choice, not spelled out in the paper's figure):
-no sequence token, user token or learned token attends to the candidate. Everything except the
-candidate's own state is therefore candidate-free: ``EncoderOutput.user`` keeps its contract (a
-candidate-free user summary), and at serving time not only layer 1's sequence K/V but every
-non-candidate state can be computed once per request and reused for all candidates. The candidate
-still attends to everything in every layer, which is what makes the model target-aware.
+**The candidate token is a query, never a key** (not even its own; choice, the paper's figure does
+not spell it out): no token attends to the candidate. Everything except the candidate's own state
+is therefore candidate-free: ``EncoderOutput.user`` keeps its contract (a candidate-free user
+summary), and at serving time not only layer 1's sequence K/V but every non-candidate state can be
+computed once per request and reused for all candidates. The candidate attends to everything else
+in every layer, which is what makes the model target-aware; its own embedding is already in its
+residual stream, so attending to itself adds nothing, and with a similarity start (below) its own
+key would score highest and soak up its attention (a sink that kept the history from being used).
+
+Choices where the paper is silent, and why (quick start: ``configs/longer.yaml``, val click AUC;
+the planted signal is the match between the candidate's category and the history's categories):
+
+- **Residual token merge.** A plain ``W_merge · concat(...)`` merge (the first version here) learned
+  nothing from the history (val AUC 0.626 = a model without history, K = 2 or 4, also after 4
+  epochs): within ~10 Adam steps the merged tokens collapsed onto one shared vector (mean pairwise
+  cosine of LN(merged) 0.33 at init, 0.93 after 12 steps, 0.99 after 25; norm 2 -> 28, almost all of
+  it common to every token), so LayerNorm left no content in layer 1's keys/values. Cause: the
+  behaviour tokens share a large token-independent part (the ``view`` action and age-bucket
+  embeddings, the inner MLP's GELU mean), and Adam moves each weight by about ``lr`` per step, so a
+  gradient that is the same for every token (early on: the heads' calibration) moves the output of
+  a fan-in ``K·D`` projection by ``lr · ‖shared input‖₁`` per step, ~25× what an embedding row can
+  move. The mean path carries the group's content in the candidate's own embedding space from the
+  first step and cannot be collapsed faster than the embeddings; the InnerTransformer summary is
+  LayerNormed (bounded) and enters through ``γ``, which moves like an embedding, so it refines the
+  token without being able to drown it. ``K = 1`` builds none of it.
+- **Layer 1 starts as similarity attention.** Query, key, value and output projections of the
+  cross-attention are initialised to the identity (the other layers use PyTorch's default). From
+  random projections the candidate's attention never found the matching behaviours at K = 4 (the
+  attention it gave groups holding its category stayed at 1.0× that of other groups, even with
+  the merge fixed: AUC 0.64); with the identity start it scores behaviours by their dot product
+  with itself (shared item and category tables) and reads their embeddings out in ``e_c``'s space,
+  where `TargetMLP`'s ``h_c ⊙ e_c`` compares them with the candidate directly; training then
+  sharpens this (attention ratio 4-10× on matching groups, AUC 0.75-0.78 over 3 seeds).
 
 **KV-cache split**: `LongerEncoder.encode_user_sequence` computes the candidate-free part (merged
 states, their mask and layer 1's keys/values of the whole merged sequence, the O(M) part), and
@@ -93,6 +125,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 NUM_TIME_BUCKETS = 64  # bucket_time_delta: 1 s -> 0, 1 day -> 37, 1 year -> 57
+MERGE_GATE_INIT = 0.01  # initial per-channel gain of the InnerTransformer summary in a merged token
 
 # ------------------------------------------------------------------------------------------ block
 
@@ -246,14 +279,36 @@ class LongerEncoder(SequenceEncoder):
             self.inner_position = nn.Parameter(torch.empty(merge_k, dim))
             self.inner = nn.ModuleList(LongerBlock(dim, num_heads, dropout) for _ in range(inner_layers))
             self.merge_proj = nn.Linear(merge_k * dim, dim)
+            self.merge_norm = nn.LayerNorm(dim)
+            self.merge_gate = nn.Parameter(torch.full((dim,), MERGE_GATE_INIT))
         else:
             self.inner_position, self.inner, self.merge_proj = None, None, None
+            self.merge_norm, self.merge_gate = None, None
         self.layers = nn.ModuleList(LongerBlock(dim, num_heads, dropout) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(dim)
         self.target_mlp = TargetMLP(dim, self.embeddings.user_dim, output_dim, dropout)
         for p in (self.position.weight, self.time.weight, self.learned_tokens, self.inner_position):
             if p is not None:
                 nn.init.normal_(p, std=1.0 / math.sqrt(dim))
+        self._init_cross_attention_as_similarity()
+
+    def _init_cross_attention_as_similarity(self) -> None:
+        """Layer 1 (the cross-attention) starts as dot-product similarity attention in the token space.
+
+        Query, key, value and output projections are the identity (biases 0): the candidate's score on a
+        merged token is the dot product of their normalised embeddings, so behaviours sharing its item or
+        category get more weight from the first step, and what it reads out is the behaviours' own
+        (normalised) embeddings, in the space of ``e_c``, which `TargetMLP`'s ``h_c ⊙ e_c`` compares with
+        the candidate directly. The module docstring says why a random start does not learn.
+        """
+        block = self.layers[0]
+        eye = torch.eye(self.dim)
+        with torch.no_grad():
+            block.q_proj.weight.copy_(eye)
+            block.kv_proj.weight.copy_(torch.cat([eye, eye]))
+            block.out_proj.weight.copy_(eye)
+            for lin in (block.q_proj, block.kv_proj, block.out_proj):
+                lin.bias.zero_()
 
     # -------------------------------------------------------------------------------- helpers
 
@@ -288,14 +343,17 @@ class LongerEncoder(SequenceEncoder):
         x = F.pad(tokens, (0, 0, 0, pad)).reshape(B * M, K, D)  # (B M, K, D)
         slot = F.pad(mask, (0, pad)).reshape(B * M, K)  # (B M, K) valid behaviours in each group
         group_valid = slot.any(dim=1)  # (B M,)
-        x = (x + self.inner_position) * slot.unsqueeze(-1).to(x.dtype)
+        weight = slot.unsqueeze(-1).to(x.dtype)  # (B M, K, 1)
+        mean = (x * weight).sum(1) / weight.sum(1).clamp(min=1)  # (B M, D) mean of the valid behaviours
+        x = (x + self.inner_position) * weight
         # keys: the group's valid slots; an all-padding group attends to all its (zero) slots, then is dropped
         keys = slot | ~group_valid.unsqueeze(1)  # (B M, K)
         attn_mask = keys.unsqueeze(1).expand(B * M, K, K)  # (B M, K, K)
         for block in self.inner:
             x = self._block(block, x, attn_mask)
-        x = x * slot.unsqueeze(-1).to(x.dtype)  # padded slots never reach the summary
-        merged = self.merge_proj(x.reshape(B * M, K * D)) * group_valid.unsqueeze(-1).to(x.dtype)
+        x = x * weight  # padded slots never reach the summary
+        summary = self.merge_norm(self.merge_proj(x.reshape(B * M, K * D)))  # (B M, D)
+        merged = (mean + self.merge_gate.to(x.dtype) * summary) * group_valid.unsqueeze(-1).to(x.dtype)
         return merged.reshape(B, M, D), group_valid.reshape(B, M)
 
     def global_tokens(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -343,13 +401,13 @@ class LongerEncoder(SequenceEncoder):
 
         # masks: globals at position -1 (see the module docstring for the rule)
         is_cand = torch.zeros(G + k, dtype=torch.bool, device=device)
-        is_cand[0] = True
+        is_cand[0] = True  # the candidate is a query, never a key
         q_global = torch.arange(G + k, device=device) < G  # (G + k,)
         q_pos = torch.cat([recent_pos.new_full((B, G), -1), recent_pos], dim=1)  # (B, G + k)
         q_valid = torch.cat([recent_valid.new_ones(B, G), recent_valid], dim=1)  # (B, G + k)
 
         def rule(k_pos: Tensor, k_valid: Tensor, k_global: Tensor, k_cand: Tensor) -> Tensor:
-            allowed = k_valid.unsqueeze(1) & (~k_cand[None, None, :] | is_cand[None, :, None])
+            allowed = (k_valid & ~k_cand[None, :]).unsqueeze(1)
             causal = q_global[None, :, None] | k_global[None, None, :] | (k_pos.unsqueeze(1) <= q_pos.unsqueeze(2))
             return allowed & causal  # (B, G + k, N)
 
