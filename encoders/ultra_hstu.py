@@ -455,7 +455,8 @@ class UltraHSTUEncoder(SequenceEncoder):
         num_time_buckets: relative time bias buckets (0: off).
         attention_norm: ``num_keys`` (keys each query attends to) or ``max_len`` (a constant).
         kernel: the SLA attention implementation (``reference``).
-        recompute: ``none``, ``selective`` (save matmul outputs, recompute the rest) or ``full`` (whole layers).
+        recompute: ``none``, ``selective`` (save the linear projections' outputs, recompute the rest)
+            or ``full`` (whole layers).
         output_dim: width of ``EncoderOutput.target``.
         user_dim: width of the user features (default ``dim``).
     """
@@ -617,10 +618,19 @@ class UltraHSTUEncoder(SequenceEncoder):
             item = item + F.linear(dense * (~is_action).to(dense.dtype), weight)
         return item, action
 
-    def stream_sequence(self, batch: Batch, stream_index: int, context: Tensor | None) -> _Sequence:
-        """The stream's left-aligned ``[prefix | behaviours]`` sequence with positions and times."""
+    def stream_sequence(
+        self,
+        batch: Batch,
+        stream_index: int,
+        context: Tensor | None,
+        events: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> _Sequence:
+        """The stream's left-aligned ``[prefix | behaviours]`` sequence with positions and times.
+
+        ``events`` is `event_tokens` of ``batch`` when already computed (shared by all streams).
+        """
         stream = self.streams[stream_index]
-        tokens, event, valid = self.event_tokens(batch)  # (B, T L, D), (B, T L), (B, T L)
+        tokens, event, valid = events if events is not None else self.event_tokens(batch)  # (B, T L, D), ...
         B = tokens.shape[0]
         T = 1 if self.merge_action_item else 2
         history_ts = batch.history_ts.long()
@@ -704,10 +714,15 @@ class UltraHSTUEncoder(SequenceEncoder):
         return checkpoint(layer, x, c, valid, layout, use_reentrant=False, context_fn=context_fn)
 
     def run_stream(
-        self, batch: Batch, stream_index: int, e_c: Tensor, context: Tensor | None
+        self,
+        batch: Batch,
+        stream_index: int,
+        e_c: Tensor,
+        context: Tensor | None,
+        events: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, _Sequence]:
         """One transducer: -> candidate state (B, D), last layer's sequence (B, W', D), the final `_Sequence`."""
-        seq = self.stream_sequence(batch, stream_index, context)
+        seq = self.stream_sequence(batch, stream_index, context, events)
         x, c = seq.tokens, e_c.unsqueeze(1).to(seq.tokens.dtype)  # (B, W, D), (B, 1, D)
         if self.position is not None:
             to_candidate = (seq.candidate_position.unsqueeze(1) - seq.position).clamp(0, self.max_tokens)
@@ -730,9 +745,10 @@ class UltraHSTUEncoder(SequenceEncoder):
         e_c = self.embeddings.candidate_tokens(batch)  # (B, D)
         u = self.embeddings.user_features(batch)  # (B, D_u)
         context = self.context(u).view(B, self.num_context_tokens, self.dim) if self.context is not None else None
+        events = self.event_tokens(batch)  # embedded once, shared by every stream
         candidates, users, sequence = [], [], None
         for s in range(len(self.streams)):
-            h_c, x, seq = self.run_stream(batch, s, e_c, context)
+            h_c, x, seq = self.run_stream(batch, s, e_c, context, events)
             h = self.norm_out(x) * seq.valid.unsqueeze(-1).to(x.dtype)  # (B, W', D)
             newest = (seq.length - 1).clamp(min=0)
             has_history = seq.length > self.num_context_tokens
