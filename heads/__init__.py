@@ -1,7 +1,21 @@
-"""Multi-task heads: `MMoE` (shared experts, one softmax gate per task) and `TaskTower`."""
+"""Multi-task heads behind one interface (`MultiTaskHead`): `MMoE`, `PLE`, `HoME`, and their parts."""
 
-from heads.base import HeadOutput, MultiTaskHead
+from heads.balance import BalanceLoss, importance_loss, load_loss
+from heads.base import ExpertSpec, GateSpec, HeadOutput, MultiTaskHead, task_groups
 from heads.mmoe import MMoE, gate_balance_loss
 from heads.tower import MLP, TaskTower
 
-__all__ = ["MLP", "HeadOutput", "MMoE", "MultiTaskHead", "TaskTower", "gate_balance_loss"]
+__all__ = [
+    "MLP",
+    "BalanceLoss",
+    "ExpertSpec",
+    "GateSpec",
+    "HeadOutput",
+    "MMoE",
+    "MultiTaskHead",
+    "TaskTower",
+    "gate_balance_loss",
+    "importance_loss",
+    "load_loss",
+    "task_groups",
+]
