@@ -22,14 +22,9 @@ samples/s (``perf/epoch_train_samples_per_s``, validation excluded). Prints a ta
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +32,12 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comparelib import ROOT, binary_tasks, fit, read_metrics, settings
 from encoder_flops import count_flops
 
 from mtrank.data.synth import SynthConfig, random_batch
 from mtrank.spec import FeatureSpec
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "HSTU": "quickstart.yaml",
     "LONGER": "longer.yaml",
@@ -104,21 +99,6 @@ def run_config(name: str, args: argparse.Namespace, synth: dict[str, Any], run_d
     return path
 
 
-def read_metrics(run_dir: Path) -> dict[str, float]:
-    """The last logged value of every ``val/`` and ``perf/epoch`` metric of the run's CSV log."""
-    (metrics_file,) = sorted(run_dir.glob("lightning_logs/version_*/metrics.csv"))[-1:]
-    values: dict[str, list[float]] = {}
-    for row in csv.DictReader(metrics_file.open()):
-        for key, value in row.items():
-            if value and key.startswith(("val/", "perf/epoch")):
-                values.setdefault(key, []).append(float(value))
-    out = {k: v[-1] for k, v in values.items()}
-    if "perf/epoch_train_samples_per_s" in values:  # mean over epochs
-        rates = values["perf/epoch_train_samples_per_s"]
-        out["perf/epoch_train_samples_per_s"] = sum(rates) / len(rates)
-    return out
-
-
 def encoder_flops(config_path: Path) -> dict[str, int]:
     """Forward FLOPs per sample of the config's encoder on one full history."""
     config = yaml.safe_load(config_path.read_text())
@@ -165,20 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = (args.runs / name.lower()).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         config = run_config(name, args, synth, run_dir)
-        print(f"== {name}: mtrank fit --config {config}", flush=True)
-        start = time.perf_counter()
-        env = {**os.environ, "WANDB_MODE": "offline"}
-        proc = subprocess.run([sys.executable, "-m", "mtrank", "fit", "--config", str(config)], env=env, cwd=ROOT)
-        wall = time.perf_counter() - start
-        if proc.returncode:
-            print(f"{name}: mtrank fit failed with exit code {proc.returncode}", file=sys.stderr)
-            results.append({"encoder": name, "wall_s": wall, "failed": proc.returncode})
+        code, wall = fit(name, config)
+        if code:
+            results.append({"encoder": name, "wall_s": wall, "failed": code})
             continue
         metrics = read_metrics(run_dir)
         results.append({"encoder": name, "wall_s": wall, "flops": encoder_flops(config), "metrics": metrics})
-        args.out.write_text(json.dumps({"settings": _settings(args), "results": results}, indent=2))
+        args.out.write_text(json.dumps({"settings": settings(args), "results": results}, indent=2))
 
-    tasks = sorted({k.split("/")[1] for r in results for k in r.get("metrics", {}) if k.endswith("/auc")})
+    tasks = binary_tasks(results)
     header = f"{'encoder':<13} | " + " | ".join(f"{t + ' AUC/GAUC':>20}" for t in tasks)
     header += f" | {'GFLOP/sample':>12} | {'attn GFLOP':>10} | {'train samples/s':>15}"
     print(f"\nmax_len {args.max_len}, batch {args.batch_size}, {args.epochs} epoch(s), {args.accelerator}")
@@ -197,17 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             + " | ".join(f"{c:>20}" for c in cells)
             + f" | {r['flops']['total'] / 1e9:>12.3f} | {r['flops']['attention'] / 1e9:>10.3f} | {rate:>15.0f}"
         )
-    args.out.write_text(json.dumps({"settings": _settings(args), "results": results}, indent=2))
+    args.out.write_text(json.dumps({"settings": settings(args), "results": results}, indent=2))
     print(f"\nwrote {args.out}")
     return 1 if any("failed" in r for r in results) else 0
-
-
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.cuda.get_device_name() if args.accelerator == "gpu" and torch.cuda.is_available() else None
-    meta = {**vars(args), "data_dir": str(args.data_dir), "runs": str(args.runs), "out": str(args.out)}
-    meta.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), device=device)
-    meta["torch"] = torch.__version__
-    return meta
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""What the comparison scripts share: run one ``mtrank fit`` per config, read its CSV log, describe the run.
+
+Used by `compare_encoders.py` and `compare_heads.py`; not a public API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit(name: str, config: Path) -> tuple[int, float]:
+    """Run ``mtrank fit --config config`` in a fresh process (W&B offline); return (exit code, wall seconds)."""
+    print(f"== {name}: mtrank fit --config {config}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "mtrank", "fit", "--config", str(config)], env=env, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        print(f"{name}: mtrank fit failed with exit code {proc.returncode}", file=sys.stderr)
+    return proc.returncode, wall
+
+
+def read_metrics(run_dir: Path) -> dict[str, float]:
+    """The last logged value of every ``val/`` and ``perf/epoch`` metric of the run's CSV log.
+
+    ``perf/epoch_train_samples_per_s`` is the mean over epochs. Reads the newest
+    ``<run_dir>/lightning_logs/version_*/metrics.csv``.
+    """
+    files = sorted(run_dir.glob("lightning_logs/version_*/metrics.csv"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no lightning_logs/version_*/metrics.csv (did the run log?)")
+    values: dict[str, list[float]] = {}
+    for row in csv.DictReader(files[-1].open()):
+        for key, value in row.items():
+            if value and key.startswith(("val/", "perf/epoch")):
+                values.setdefault(key, []).append(float(value))
+    out = {k: v[-1] for k, v in values.items()}
+    if "perf/epoch_train_samples_per_s" in values:
+        rates = values["perf/epoch_train_samples_per_s"]
+        out["perf/epoch_train_samples_per_s"] = sum(rates) / len(rates)
+    return out
+
+
+def binary_tasks(results: list[dict[str, Any]]) -> list[str]:
+    """Task names with a validation AUC in any result's ``metrics``, sorted."""
+    return sorted({k.split("/")[1] for r in results for k in r.get("metrics", {}) if k.endswith("/auc")})
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The script's arguments plus the machine: CPU, core count, GPU name (when used) and torch version."""
+    device = torch.cuda.get_device_name() if args.accelerator == "gpu" and torch.cuda.is_available() else None
+    meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    meta.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), device=device)
+    meta["torch"] = torch.__version__
+    return meta
