@@ -25,6 +25,9 @@ def fit(name: str, config: Path) -> tuple[int, float]:
     print(f"== {name}: mtrank fit --config {config}", flush=True)
     start = time.perf_counter()
     env = {**os.environ, "WANDB_MODE": "offline"}
+    # a wandb-core service started by this process (wandb.init sets WANDB_SERVICE) must not take the
+    # child's run: the child would exit before that service had written its run file
+    env.pop("WANDB_SERVICE", None)
     proc = subprocess.run([sys.executable, "-m", "mtrank", "fit", "--config", str(config)], env=env, cwd=ROOT)
     wall = time.perf_counter() - start
     if proc.returncode:
