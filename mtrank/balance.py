@@ -408,7 +408,9 @@ class BalanceAccumulator:
             s[f"gate/{gate}/samples"] += w.shape[0]
             s[f"gate/{gate}/weight_sum"] += w.sum(dim=0)
             if num > 1:
-                s[f"gate/{gate}/entropy_sum"] += (-torch.xlogy(w, w).sum(dim=-1) / math.log(num)).sum()
+                s[f"gate/{gate}/entropy_sum"] += (
+                    (-torch.xlogy(w, w).sum(dim=-1) / math.log(num)).clamp(0.0, 1.0).sum()
+                )  # rounding: rows sum to 1 ± ulp
             index = (w * self.bins).floor().clamp(0, self.bins - 1).long().flatten()
             s[f"gate/{gate}/hist"] += torch.bincount(index, minlength=self.bins).to(dtype)
         for expert, a in (experts or {}).items():
