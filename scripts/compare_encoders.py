@@ -32,7 +32,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparelib import ROOT, binary_tasks, fit, read_metrics, settings
+from comparelib import ROOT, binary_tasks, fit, read_metrics, set_trainer, settings
 from encoder_flops import count_flops
 
 from mtrank.data.synth import SynthConfig, random_batch
@@ -77,23 +77,9 @@ def run_config(name: str, args: argparse.Namespace, synth: dict[str, Any], run_d
     if name in LENGTH_SAMPLING:
         data["length_sampling"] = LENGTH_SAMPLING[name]
     config["seed_everything"] = args.seed
-    trainer.update(
-        accelerator=args.accelerator,
-        devices=1,
-        max_epochs=args.epochs,
-        val_check_interval=1.0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=str(run_dir),
-        logger=[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}}],
-        callbacks=[{"class_path": "mtrank.callbacks.ThroughputMonitor", "init_args": {"every_n_steps": 50}}],
-    )
-    if args.precision:
-        trainer["precision"] = args.precision
-    if args.limit_train_batches:
-        trainer["limit_train_batches"] = args.limit_train_batches
-    if args.limit_val_batches:
-        trainer["limit_val_batches"] = args.limit_val_batches
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}}]
+    callbacks = [{"class_path": "mtrank.callbacks.ThroughputMonitor", "init_args": {"every_n_steps": 50}}]
+    set_trainer(trainer, args, run_dir, loggers, callbacks)
     path = run_dir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparelib import ROOT, binary_tasks, fit, read_metrics, settings
+from comparelib import ROOT, binary_tasks, fit, read_metrics, set_trainer, settings
 
 from mtrank.balance import read_offline_wandb_history
 
@@ -65,38 +65,24 @@ def run_config(name: str, args: argparse.Namespace, run_dir: Path) -> Path:
     if args.samples_per_user:
         data["synth"]["samples_per_user"] = args.samples_per_user
     base["seed_everything"] = args.seed
-    trainer.update(
-        accelerator=args.accelerator,
-        devices=1,
-        max_epochs=args.epochs,
-        val_check_interval=1.0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=str(run_dir),
-        logger=[
-            {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "lightning_logs"},
-            },
-            {
-                "class_path": "mtrank.loggers.WandbLogger",
-                "init_args": {"project": "mtrank-heads", "name": name, "save_dir": str(run_dir), "offline": True},
-            },
-        ],
-        callbacks=[
-            {"class_path": "mtrank.callbacks.ThroughputMonitor", "init_args": {"every_n_steps": 50}},
-            {
-                "class_path": "mtrank.balance.ExpertBalanceMonitor",
-                "init_args": {"every_n_steps": args.balance_every, "output_dir": str(run_dir)},
-            },
-        ],
-    )
-    if args.precision:
-        trainer["precision"] = args.precision
-    if args.limit_train_batches:
-        trainer["limit_train_batches"] = args.limit_train_batches
-    if args.limit_val_batches:
-        trainer["limit_val_batches"] = args.limit_val_batches
+    loggers = [
+        {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(run_dir), "name": "lightning_logs"},
+        },
+        {
+            "class_path": "mtrank.loggers.WandbLogger",
+            "init_args": {"project": "mtrank-heads", "name": name, "save_dir": str(run_dir), "offline": True},
+        },
+    ]
+    callbacks = [
+        {"class_path": "mtrank.callbacks.ThroughputMonitor", "init_args": {"every_n_steps": 50}},
+        {
+            "class_path": "mtrank.balance.ExpertBalanceMonitor",
+            "init_args": {"every_n_steps": args.balance_every, "output_dir": str(run_dir)},
+        },
+    ]
+    set_trainer(trainer, args, run_dir, loggers, callbacks)
     path = run_dir / "config.yaml"
     path.write_text(yaml.safe_dump(base, sort_keys=False))
     return path

@@ -35,6 +35,28 @@ def fit(name: str, config: Path) -> tuple[int, float]:
     return proc.returncode, wall
 
 
+def set_trainer(
+    trainer: dict[str, Any], args: argparse.Namespace, run_dir: Path, loggers: list[dict], callbacks: list[dict]
+) -> None:
+    """Make a config's ``trainer:`` block a comparison run: one device, ``args.epochs`` epochs, validation
+    at each epoch's end, no checkpoints or progress bar, logs under ``run_dir``, and the script's
+    ``--precision`` / ``--limit-train-batches`` / ``--limit-val-batches`` when given."""
+    trainer.update(
+        accelerator=args.accelerator,
+        devices=1,
+        max_epochs=args.epochs,
+        val_check_interval=1.0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(run_dir),
+        logger=loggers,
+        callbacks=callbacks,
+    )
+    for option in ("precision", "limit_train_batches", "limit_val_batches"):
+        if getattr(args, option, None):
+            trainer[option] = getattr(args, option)
+
+
 def read_metrics(run_dir: Path) -> dict[str, float]:
     """The last logged value of every ``val/`` and ``perf/epoch`` metric of the run's CSV log.
 

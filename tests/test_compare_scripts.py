@@ -1,5 +1,6 @@
-"""scripts/compare_heads.py end to end on a tiny budget: its table's numbers, its JSON, and the offline
-W&B runs it leaves behind, read back from the run files themselves (not a mock)."""
+"""The comparison scripts end to end on a tiny budget. compare_heads.py: its table's numbers, its JSON,
+and the offline W&B runs it leaves behind, read back from the run files themselves (not a mock).
+compare_encoders.py: one row per encoder with metrics, FLOPs and throughput."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from mtrank.balance import read_offline_wandb_history
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():  # -> the script as a module
-    spec = importlib.util.spec_from_file_location("compare_heads", ROOT / "scripts" / "compare_heads.py")
+def load_script(name: str = "compare_heads"):  # -> the script as a module
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -69,3 +70,21 @@ def test_compare_heads_writes_table_json_and_offline_wandb_runs(
     # MMoE has no task experts: every task's gate mass is on shared experts
     assert all(t["own_mass"] == 0 for t in results["MMoE"]["balance"]["tasks"].values())
     assert all(t["own_mass"] > 0 for t in results["HoME"]["balance"]["tasks"].values())
+
+
+@pytest.mark.slow
+def test_compare_encoders_tabulates_every_encoder(tmp_path: Path) -> None:
+    script = load_script("compare_encoders")
+    out = tmp_path / "compare.json"
+    argv = ["--encoders", "HSTU", "LONGER", "--max-len", "32", "--users", "60", "--history-mean", "40"]
+    argv += ["--samples-per-user", "10", "--batch-size", "32", "--limit-train-batches", "2", "--limit-val-batches", "2"]
+    argv += ["--data-dir", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert script.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["max_len"] == 32 and report["settings"]["cpus"] >= 1
+    rows = {r["encoder"]: r for r in report["results"]}
+    assert set(rows) == {"HSTU", "LONGER"}
+    for row in rows.values():
+        assert 0 <= row["metrics"]["val/click/auc"] <= 1
+        assert row["metrics"]["perf/epoch_train_samples_per_s"] > 0
+        assert 0 < row["flops"]["attention"] < row["flops"]["total"]
