@@ -1,4 +1,4 @@
-"""MMoE head: shapes, gates, balance loss, and learning a planted two-task signal."""
+"""MMoE head: shapes, gates, balance loss; every head (MMoE, PLE, HoME) learns a planted two-task signal."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from encoders.base import EncoderOutput
-from heads import MMoE, TaskTower, gate_balance_loss
+from heads import PLE, HoME, MMoE, TaskTower, gate_balance_loss
 from mtrank.batch import Batch
 from mtrank.spec import TaskSpec
 
@@ -59,18 +59,26 @@ def test_task_tower_output() -> None:
     assert TaskTower(8, (16, 4), dropout=0.1)(torch.randn(3, 8)).shape == (3,)
 
 
-def test_mmoe_learns_planted_two_task_signal() -> None:
-    """click = 1[x0 + x1 > 0], watch = 2 x2 - x3 (unrelated tasks): both losses drop far below chance."""
+PLANTED_HEADS = {
+    "mmoe": lambda dim, tasks: MMoE(dim, tasks, num_experts=4, expert_dims=(32,), tower_dims=(16,)),
+    "ple": lambda dim, tasks: PLE(dim, tasks, expert_dims=(32,), tower_dims=(16,)),
+    "home": lambda dim, tasks: HoME(dim, tasks, feature_gate_rank=4, expert_dims=(32,), tower_dims=(16,)),
+}
+
+
+@pytest.mark.parametrize("kind", list(PLANTED_HEADS))
+def test_head_learns_planted_two_task_signal(kind: str) -> None:
+    """click = 1[x0 + x1 > 0], watch = 2 x2 - x3 (unrelated tasks, two groups): both losses drop."""
     torch.manual_seed(0)
     B, D = 256, 8
-    head = MMoE(D, TASKS, num_experts=4, expert_dims=(32,), tower_dims=(16,))
+    tasks = [TaskSpec(name="click", group="a"), TaskSpec(name="watch", kind="regression", group="b")]
+    head = PLANTED_HEADS[kind](D, tasks)
     optim = torch.optim.Adam(head.parameters(), lr=1e-2)
-    batch = make_batch(B)
 
     def losses(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = head(EncoderOutput(target=x), batch)
+        out = head(EncoderOutput(target=x), make_batch(x.shape[0]))
         click = F.binary_cross_entropy_with_logits(out.logits["click"], (x[:, 0] + x[:, 1] > 0).float())
-        watch = F.mse_loss(out.logits["watch.time"], 2 * x[:, 2] - x[:, 3])
+        watch = F.mse_loss(out.logits["watch"], 2 * x[:, 2] - x[:, 3])
         return click, watch
 
     x_eval = torch.randn(1024, D, generator=torch.Generator().manual_seed(1))
@@ -81,6 +89,7 @@ def test_mmoe_learns_planted_two_task_signal() -> None:
         optim.zero_grad()
         (click + watch).backward()
         optim.step()
+    head.eval()
     with torch.no_grad():
         click1, watch1 = losses(x_eval)
     assert click1 < 0.25 < 0.6 < click0  # chance is ln 2 ≈ 0.69
