@@ -68,7 +68,6 @@ class MMoE(MultiTaskHead):
         if num_experts < 1 or not expert_dims:
             raise ValueError(f"MMoE: need num_experts >= 1 and non-empty expert_dims, got {num_experts}, {expert_dims}")
         self.num_experts = num_experts
-        self.balance_loss_weight = balance_loss_weight
         self.balance = BalanceLoss(balance_loss_weight, balance_loss)
         self.experts = nn.ModuleList(MLP(input_dim, expert_dims, dropout) for _ in range(num_experts))
         # one gate and one tower per task, in task order (a ModuleList: task names may hold any character)

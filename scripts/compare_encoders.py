@@ -32,7 +32,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparelib import ROOT, binary_tasks, fit, read_metrics, set_trainer, settings
+from comparelib import ROOT, binary_tasks, fit, quality_cells, read_metrics, set_trainer, settings
 from encoder_flops import count_flops
 
 from mtrank.data.synth import SynthConfig, random_batch
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['encoder']:<13} | failed (exit code {r['failed']})")
             continue
         m = r["metrics"]
-        nan = float("nan")
-        cells = [f"{m.get(f'val/{t}/auc', nan):.4f} / {m.get(f'val/{t}/gauc', nan):.4f}" for t in tasks]
+        cells = quality_cells(m, tasks)
         rate = m.get("perf/epoch_train_samples_per_s", float("nan"))
         print(
             f"{r['encoder']:<13} | "

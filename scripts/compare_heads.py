@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparelib import ROOT, binary_tasks, fit, read_metrics, set_trainer, settings
+from comparelib import ROOT, binary_tasks, fit, fmt, quality_cells, read_metrics, set_trainer, settings
 
 from mtrank.balance import read_offline_wandb_history
 
@@ -191,8 +190,8 @@ def print_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
             print(f"{r['head']:<19} | failed (exit code {r['failed']})")
             continue
         m = r["metrics"]
-        cells = [f"{_fmt(m.get(f'val/{t}/auc'), '.4f')} / {_fmt(m.get(f'val/{t}/gauc'), '.4f')}" for t in tasks]
-        rate = _fmt(m.get("perf/epoch_train_samples_per_s"), ".0f")
+        cells = quality_cells(m, tasks)
+        rate = fmt(m.get("perf/epoch_train_samples_per_s"), ".0f")
         print(f"{r['head']:<19} | " + " | ".join(f"{c:>20}" for c in cells) + f" | {rate:>9}")
 
     sparse = sorted({t for r in results for t in r.get("summary", {}).get("sparse", {})})
@@ -207,21 +206,17 @@ def print_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
         if "failed" in r:
             continue
         b = r["summary"]
-        zero = f"{_fmt(b['max_zero_frac'])} ({b['max_zero_expert']})"
+        zero = f"{fmt(b['max_zero_frac'])} ({b['max_zero_expert']})"
         top = (
             "-"
             if b["max_top_expert"] is None
-            else (f"{_fmt(b['max_top_share'])} ({b['max_top_expert']}: {b['max_top_task']}, 1/{b['shared_by']})")
+            else (f"{fmt(b['max_top_share'])} ({b['max_top_expert']}: {b['max_top_task']}, 1/{b['shared_by']})")
         )
-        own = "".join(f" | {_fmt(b['sparse'].get(t)):>10}" for t in sparse)
+        own = "".join(f" | {fmt(b['sparse'].get(t)):>10}" for t in sparse)
         print(
-            f"{r['head']:<19} | {zero:>28} | {_fmt(b['std_ratio'], '.1f'):>11} | {_fmt(b['entropy']):>7} | "
-            f"{_fmt(b['usage_cv']):>8} | {top:>46}{own}"
+            f"{r['head']:<19} | {zero:>28} | {fmt(b['std_ratio'], '.1f'):>11} | {fmt(b['entropy']):>7} | "
+            f"{fmt(b['usage_cv']):>8} | {top:>46}{own}"
         )
-
-
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def _write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import platform
 import subprocess
@@ -81,6 +82,16 @@ def read_metrics(run_dir: Path) -> dict[str, float]:
 def binary_tasks(results: list[dict[str, Any]]) -> list[str]:
     """Task names with a validation AUC in any result's ``metrics``, sorted."""
     return sorted({k.split("/")[1] for r in results for k in r.get("metrics", {}) if k.endswith("/auc")})
+
+
+def fmt(value: float | None, spec: str = ".3f") -> str:
+    """``value`` formatted, or ``-`` when it is missing or NaN."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def quality_cells(metrics: dict[str, float], tasks: list[str]) -> list[str]:
+    """``"AUC / GAUC"`` of each binary task (``read_metrics`` output), 4 decimals, ``-`` when missing."""
+    return [f"{fmt(metrics.get(f'val/{t}/auc'), '.4f')} / {fmt(metrics.get(f'val/{t}/gauc'), '.4f')}" for t in tasks]
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
