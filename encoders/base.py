@@ -37,9 +37,18 @@ class EncoderOutput:
 
 
 class SequenceEncoder(nn.Module):
-    """Base class of encoders: subclasses set `output_dim` and implement `forward`."""
+    """Base class of encoders: subclasses set `output_dim` (and `dim`) and implement `forward`.
+
+    ``user_dim`` is the width of ``EncoderOutput.user``: the encoder's model width ``dim``.
+    """
 
     output_dim: int
+    dim: int
+
+    @property
+    def user_dim(self) -> int:
+        """Width of ``EncoderOutput.user`` (B, user_dim)."""
+        return self.dim
 
     def forward(self, batch: Batch) -> EncoderOutput:  # pragma: no cover - interface
         raise NotImplementedError

@@ -7,6 +7,14 @@ and whom each expert belongs to (`MultiTaskHead.gate_specs`, `MultiTaskHead.expe
 Monitoring callbacks (`mtrank.balance.ExpertBalanceMonitor`) read these without reaching into the
 head's modules, so a new head is monitored as soon as it fills the two dicts.
 
+Branches (`Branch`) are the optional parts beside the task heads, each switched on or off in YAML
+(``model.fatigue``, ``model.uplift``): built like a head from ``(input_dim, tasks, features)``, run on
+the same `EncoderOutput` and `Batch`, and giving a `BranchOutput`. A branch at ``position="encoder"``
+(the fatigue branch) runs before the heads and may hand them an enriched `EncoderOutput`; a branch at
+``position="head"`` (the uplift branch) runs beside them. A branch adds its own losses (`Branch.loss`)
+and, optionally, its own validation metrics (`Branch.metrics`). A switched-off branch is ``None``:
+no parameters, no compute.
+
 Naming: an expert is named ``<level>/<owner>/<i>`` (``shared``, a group name or a task name as the
 owner) or, in single-level heads, ``expert_<i>``; a gate is named after what it feeds (a task name
 in single-level heads, ``<level>/<task-or-group>`` in hierarchies).
@@ -22,7 +30,7 @@ from torch import Tensor, nn
 
 from encoders.base import EncoderOutput
 from mtrank.batch import Batch
-from mtrank.spec import TaskSpec
+from mtrank.spec import FeatureSpec, TaskSpec
 
 ExpertKind = Literal["shared", "group", "task"]
 
@@ -79,12 +87,15 @@ class HeadOutput:
         gates: gate name -> (B, E_g) gate weights over the ``E_g`` experts of its `GateSpec`
             (rows sum to 1 for softmax gates).
         experts: expert name -> (B, H) expert output activations (for balance monitoring).
+        branches: branch name (``fatigue``, ``uplift``) -> its `BranchOutput`, for the branches
+            that ran (filled by `mtrank.module.RankingModule`, not by the head).
     """
 
     logits: dict[str, Tensor]
     aux_loss: Tensor | None = None
     gates: dict[str, Tensor] = field(default_factory=dict)
     experts: dict[str, Tensor] = field(default_factory=dict)
+    branches: dict[str, BranchOutput] = field(default_factory=dict)
 
 
 class MultiTaskHead(nn.Module):
@@ -113,6 +124,79 @@ class MultiTaskHead(nn.Module):
 
     def forward(self, x: EncoderOutput, batch: Batch) -> HeadOutput:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+BranchPosition = Literal["encoder", "head"]
+
+
+@dataclass
+class BranchOutput:
+    """What a branch gives.
+
+    Attributes:
+        encoded: the `EncoderOutput` the task heads read instead of the encoder's (a branch at
+            ``position="encoder"``), or None (unchanged).
+        outputs: name -> (B, ...) per-sample outputs (written by ``predict`` as columns
+            ``<branch>_<name>[_<j>]``; read by the branch's metrics).
+        state: name -> tensors the branch's `Branch.loss` needs (never written out).
+    """
+
+    encoded: EncoderOutput | None = None
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+    state: dict[str, Tensor] = field(default_factory=dict)
+
+
+class BranchMetrics(nn.Module):
+    """A branch's validation/test metric set: ``update(out, batch)``, ``compute() -> {key: 0-dim}``, ``reset()``.
+
+    Keys of `compute` are relative (``auuc``); the module logs them as ``<stage>/<branch>/<key>``.
+    """
+
+    def update(self, out: BranchOutput, batch: Batch) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def reset(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Branch(nn.Module):
+    """Base class of branches: ``__init__(input_dim, tasks, features, ..., user_dim)``, ``forward(x, batch)``.
+
+    ``input_dim`` is the width of ``EncoderOutput.target``, ``user_dim`` that of ``EncoderOutput.user``
+    (the module passes it as a keyword, from `encoders.base.SequenceEncoder.user_dim`).
+
+    Attributes:
+        position: ``encoder`` (runs between the encoder and the heads; may return an enriched
+            `EncoderOutput` in `BranchOutput.encoded`) or ``head`` (runs beside the heads).
+        requires: the `Batch` fields it reads beyond the history and candidate (``treatment``,
+            ``request_item_id``, ...); documentation, checked by the branch itself with a clear message.
+    """
+
+    position: BranchPosition = "head"
+    requires: tuple[str, ...] = ()
+
+    def __init__(
+        self, input_dim: int, tasks: Sequence[TaskSpec], features: FeatureSpec, user_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        self.input_dim = input_dim
+        self.user_dim = user_dim
+        self.tasks = list(tasks)
+        self.features = features
+
+    def forward(self, x: EncoderOutput, batch: Batch) -> BranchOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def loss(self, out: BranchOutput, batch: Batch) -> dict[str, Tensor]:
+        """Name -> 0-dim weighted loss added to the objective (logged as ``loss/<name>``); default none."""
+        return {}
+
+    def metrics(self) -> BranchMetrics | None:
+        """A fresh metric set for one evaluation stage, or None (the default: no metrics of its own)."""
+        return None
 
 
 def task_groups(tasks: Sequence[TaskSpec]) -> dict[str, list[TaskSpec]]:

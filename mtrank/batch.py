@@ -8,7 +8,15 @@ before ``ts[b]`` in positions ``[0, history_len[b])``, oldest first, newest at
 `Batch.jagged`. Padded + lengths was chosen because it batches with one gather in the loader,
 moves to the device as a few dense tensors, and turns into jagged form with one mask.
 
-Shapes: ``B`` samples, ``L`` = the padded history width (at most ``FeatureSpec.max_len``).
+Request candidates (``FeatureSpec.request_candidates = C > 0``): row ``b`` also carries the
+candidate set of its request, the samples of its samples table sharing its ``request_id``. Position
+0 is the sample itself, then the other samples of the request in samples-table row order, ``C`` in
+all at most; ``request_len[b]`` (>= 1) counts the valid positions and the rest hold 0 and must be
+masked (`Batch.request_mask`). The set comes from the whole table, never from the batch: it is the
+same whichever samples share the batch. With ``C == 0`` the request fields are None / empty.
+
+Shapes: ``B`` samples, ``L`` = the padded history width (at most ``FeatureSpec.max_len``), ``C`` =
+``FeatureSpec.request_candidates``.
 Integer columns keep the narrowest lossless dtype of the stored data (int32 or int64): embedding
 layers accept both.
 
@@ -49,6 +57,15 @@ class Batch:
         propensity: (B,) float32 probability of the observed treatment, when given.
         request_id: (B,) int64 request id (samples of one request share it), when given.
         extras: column -> (B,) float32 evaluation-only columns (never model input).
+        request_len: (B,) int64 number of valid request candidates, in ``[1, C]`` (the sample
+            itself always counts), when ``FeatureSpec.request_candidates > 0``; else None.
+        request_item_id: (B, C) int item ids of the request's candidates: position 0 is the
+            sample's own ``item_id``, then the request's other samples in table row order; 0 at
+            and after ``request_len``. None when not asked for.
+        request_sparse: name -> (B, C) int candidate item feature, one per ``item_sparse`` column,
+            same layout (position 0 equals ``item_sparse[name]``), 0-padded.
+        request_dense: name -> (B, C) float32 candidate item feature, one per ``item_dense``
+            column, same layout, 0-padded.
     """
 
     sample_index: Tensor
@@ -69,6 +86,10 @@ class Batch:
     propensity: Tensor | None = None
     request_id: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    request_len: Tensor | None = None
+    request_item_id: Tensor | None = None
+    request_sparse: dict[str, Tensor] = field(default_factory=dict)
+    request_dense: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -83,6 +104,13 @@ class Batch:
         """(B, L) bool, True at valid history positions."""
         positions = torch.arange(self.max_len, device=self.history_len.device)
         return positions[None, :] < self.history_len[:, None]
+
+    def request_mask(self) -> Tensor:
+        """(B, C) bool, True at valid request-candidate positions (position 0 always)."""
+        if self.request_len is None or self.request_item_id is None:
+            raise ValueError("this batch has no request candidates (FeatureSpec.request_candidates is 0)")
+        positions = torch.arange(self.request_item_id.shape[1], device=self.request_len.device)
+        return positions[None, :] < self.request_len[:, None]
 
     def history_offsets(self) -> Tensor:
         """(B + 1,) int64 offsets of each row's history in the jagged (concatenated) form."""

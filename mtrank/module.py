@@ -9,7 +9,17 @@ Losses, per task (``TaskSpec.kind`` / ``TaskSpec.loss``):
     mse, huber  on the raw output; the prediction is the output.
     log_mse     MSE between the output and ``log1p(label)``; the prediction is ``expm1(output)``
                 (clamped at 0): the usual choice for heavy-tailed targets such as watch time.
-The objective is ``sum_t weight_t * loss_t`` plus the encoder's and the heads' auxiliary losses.
+The objective is ``sum_t weight_t * loss_t`` plus the encoder's and the heads' auxiliary losses
+plus the branches' own losses (``loss/uplift``, ``loss/fatigue_cl``, already weighted).
+
+Branches (`heads.base.Branch`), each switched on by giving its factory in YAML and off by leaving it
+out (``null``: no parameters, no compute):
+    fatigue   (`heads.fatigue.FRec`) runs between the encoder and the heads and hands them a
+              fatigue-aware `EncoderOutput`;
+    uplift    (`heads.uplift.CDUM`) runs beside the heads on the same `EncoderOutput`.
+Both are built as ``factory(encoder.output_dim, tasks, features, user_dim=encoder.user_dim)``; their
+per-sample outputs land in ``HeadOutput.branches`` and in ``predict``'s output (``uplift_effect_t1``, ...),
+their metrics under ``<stage>/<branch>/...``.
 
 Example (what the CLI builds from ``configs/quickstart.yaml``):
     >>> from functools import partial
@@ -22,18 +32,22 @@ from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
+from torchmetrics import MeanMetric
 
 from encoders.base import EncoderOutput, SequenceEncoder
-from heads.base import HeadOutput, MultiTaskHead
+from heads.base import Branch, BranchOutput, HeadOutput, MultiTaskHead
 from mtrank.batch import Batch
+from mtrank.exposure import ExposureSlice
+from mtrank.losses import task_loss, task_prediction
 from mtrank.metrics import TaskMetrics
 from mtrank.spec import FeatureSpec, TaskSpec, check_tasks
 
 EncoderFactory = Callable[[FeatureSpec], SequenceEncoder]
 HeadsFactory = Callable[[int, Sequence[TaskSpec]], MultiTaskHead]
+BranchFactory = Callable[[int, Sequence[TaskSpec], FeatureSpec], Branch]
+BRANCHES = ("fatigue", "uplift")  # in the order they run
 
 
 class RankingModule(L.LightningModule):
@@ -48,6 +62,10 @@ class RankingModule(L.LightningModule):
         lr_scheduler: builds a per-step schedule from the optimiser, or None for a constant rate.
             A schedule with a ``total_steps`` attribute left at None gets the trainer's estimate.
         aux_loss_weight: multiplier of the encoder's and heads' auxiliary losses.
+        fatigue: builds the fatigue branch (`heads.fatigue.FRec`), or None (off).
+        uplift: builds the uplift branch (`heads.uplift.CDUM`), or None (off).
+        exposure_slice: report every task's metrics also on the samples with high recent
+            same-category exposure (``<stage>/exposed/<task>/...``, `mtrank.exposure`), or None.
     """
 
     def __init__(
@@ -59,6 +77,9 @@ class RankingModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         aux_loss_weight: float = 1.0,
+        fatigue: BranchFactory | None = None,
+        uplift: BranchFactory | None = None,
+        exposure_slice: ExposureSlice | None = None,
     ) -> None:
         super().__init__()
         check_tasks(tasks)
@@ -67,30 +88,65 @@ class RankingModule(L.LightningModule):
         self.features = features
         self.encoder = encoder(features)
         self.heads = heads(self.encoder.output_dim, self.tasks)
+        factories = {"fatigue": fatigue, "uplift": uplift}
+        for name in BRANCHES:  # an attribute each; None when off (no parameters)
+            factory = factories[name]
+            branch = None
+            if factory is not None:
+                branch = factory(self.encoder.output_dim, self.tasks, features, user_dim=self.encoder.user_dim)
+                expected = "encoder" if name == "fatigue" else "head"
+                if branch.position != expected:
+                    raise ValueError(
+                        f"model.{name}: {type(branch).__name__} runs at {branch.position!r}, not {expected!r}"
+                    )
+            setattr(self, name, branch)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.aux_loss_weight = aux_loss_weight
+        self.exposure_slice = exposure_slice
         self.val_metrics = TaskMetrics(self.tasks, "val")
         self.test_metrics = TaskMetrics(self.tasks, "test")
+        self.exposed_metrics = torch.nn.ModuleDict(
+            {s: TaskMetrics(self.tasks, f"{s}/exposed") for s in ("val", "test")} if exposure_slice else {}
+        )
+        self.exposed_fraction = torch.nn.ModuleDict(
+            {s: MeanMetric() for s in ("val", "test")} if exposure_slice else {}
+        )
+        self.branch_metrics = torch.nn.ModuleDict(
+            {
+                stage: torch.nn.ModuleDict(
+                    {name: m for name, branch in self.branches().items() if (m := branch.metrics()) is not None}
+                )
+                for stage in ("val", "test")
+            }
+        )
+
+    def branches(self) -> dict[str, Branch]:
+        """The branches that are on, by name, in the order they run."""
+        return {name: b for name in BRANCHES if (b := getattr(self, name, None)) is not None}
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, batch: Batch) -> tuple[EncoderOutput, HeadOutput]:
-        """Encoder and heads on one batch; ``HeadOutput.logits`` holds the raw per-task outputs (B,)."""
+        """Encoder, branches and heads on one batch.
+
+        Returns the `EncoderOutput` the heads read (the fatigue branch's, when on) and the
+        `HeadOutput`: ``logits`` the raw per-task outputs (B,), ``branches`` each branch's output.
+        """
         encoded = self.encoder(batch)
-        return encoded, self.heads(encoded, batch)
+        outputs: dict[str, BranchOutput] = {}
+        if self.fatigue is not None:
+            outputs["fatigue"] = self.fatigue(encoded, batch)
+            if outputs["fatigue"].encoded is not None:
+                encoded = outputs["fatigue"].encoded
+        head_out = self.heads(encoded, batch)
+        if self.uplift is not None:
+            outputs["uplift"] = self.uplift(encoded, batch)
+        head_out.branches = outputs
+        return encoded, head_out
 
     def predictions(self, head_out: HeadOutput) -> dict[str, Tensor]:
         """task -> (B,) prediction on the label's scale: a probability (binary) or a value (regression)."""
-        out = {}
-        for task in self.tasks:
-            raw = head_out.logits[task.name].float()
-            if task.kind == "binary":
-                out[task.name] = torch.sigmoid(raw)
-            elif task.loss == "log_mse":
-                out[task.name] = torch.expm1(raw).clamp_min(0)
-            else:
-                out[task.name] = raw
-        return out
+        return {task.name: task_prediction(task, head_out.logits[task.name]) for task in self.tasks}
 
     def losses(self, encoded: EncoderOutput, head_out: HeadOutput, batch: Batch) -> dict[str, Tensor]:
         """``loss`` (the objective) and ``loss/<task>`` for every task, plus ``loss/aux`` when present."""
@@ -99,22 +155,18 @@ class RankingModule(L.LightningModule):
         for task in self.tasks:
             if task.label not in batch.labels:
                 raise KeyError(f"task {task.name!r}: the batch has no label column {task.label!r}")
-            raw = head_out.logits[task.name].float()
-            label = batch.labels[task.label].float()
-            if task.kind == "binary":
-                loss = F.binary_cross_entropy_with_logits(raw, label)
-            elif task.loss == "huber":
-                loss = F.huber_loss(raw, label)
-            elif task.loss == "log_mse":
-                loss = F.mse_loss(raw, torch.log1p(label.clamp_min(0)))
-            else:
-                loss = F.mse_loss(raw, label)
+            loss = task_loss(task, head_out.logits[task.name], batch.labels[task.label])
             losses[f"loss/{task.name}"] = loss
             total = total + task.weight * loss
         aux = [a for a in (encoded.aux_loss, head_out.aux_loss) if a is not None]
         if aux:
             losses["loss/aux"] = torch.stack([a.float() for a in aux]).sum()
             total = total + self.aux_loss_weight * losses["loss/aux"]
+        branches = self.branches()
+        for name, out in head_out.branches.items():
+            for key, value in branches[name].loss(out, batch).items():
+                losses[f"loss/{key}"] = value
+                total = total + value
         losses["loss"] = total
         return losses
 
@@ -135,7 +187,18 @@ class RankingModule(L.LightningModule):
             on_step=False, on_epoch=True, sync_dist=True, batch_size=batch.batch_size,
         )  # fmt: skip
         labels = {t.name: batch.labels[t.label] for t in self.tasks}
-        metrics.update(self.predictions(head_out), labels, batch.user_id)
+        predictions = self.predictions(head_out)
+        metrics.update(predictions, labels, batch.user_id)
+        if self.exposure_slice is not None:
+            keep = self.exposure_slice.mask(batch)
+            self.exposed_fraction[stage].update(keep.float())
+            self.exposed_metrics[stage].update(
+                {k: v[keep] for k, v in predictions.items()},
+                {k: v[keep] for k, v in labels.items()},
+                batch.user_id[keep],
+            )
+        for name, branch_metrics in self.branch_metrics[stage].items():
+            branch_metrics.update(head_out.branches[name], batch)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
@@ -144,24 +207,40 @@ class RankingModule(L.LightningModule):
         self._evaluate(batch, "test", self.test_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics)
+        self._log_metrics(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics)
+        self._log_metrics(self.test_metrics, "test")
 
-    def _log_metrics(self, metrics: TaskMetrics) -> None:
+    def _log_metrics(self, metrics: TaskMetrics, stage: str) -> None:
         values = metrics.compute()  # synced across processes by torchmetrics
         metrics.reset()
         self.log_dict(values, sync_dist=False, rank_zero_only=False)
         first_binary = next((t.name for t in self.tasks if t.kind == "binary"), None)
         if first_binary is not None:
             self.log(f"{metrics.prefix}_auc", values[f"{metrics.prefix}/{first_binary}/auc"], prog_bar=True)
+        if self.exposure_slice is not None:
+            values = self.exposed_metrics[stage].compute()
+            values[f"{stage}/exposed/fraction"] = self.exposed_fraction[stage].compute()
+            self.exposed_metrics[stage].reset()
+            self.exposed_fraction[stage].reset()
+            self.log_dict(values, sync_dist=False, rank_zero_only=False)
+        for name, branch_metrics in self.branch_metrics[stage].items():
+            values = {f"{stage}/{name}/{k}": v for k, v in branch_metrics.compute().items()}
+            branch_metrics.reset()
+            self.log_dict(values, sync_dist=False, rank_zero_only=False)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        """Ids and every task's prediction: ``sample_index``, ``user_id``, ``item_id``, ``<task>`` — each (B,)."""
+        """Ids, every task's prediction and the branches' outputs, each (B,).
+
+        Keys: ``sample_index``, ``user_id``, ``item_id``, ``<task>``, ``<branch>_<output>`` (for example
+        ``uplift_response_t0``, ``uplift_effect_t1``).
+        """
         _, head_out = self(batch)
         out = {"sample_index": batch.sample_index, "user_id": batch.user_id, "item_id": batch.item_id}
         out.update(self.predictions(head_out))
+        for name, branch_out in head_out.branches.items():
+            out.update({f"{name}_{key}": value.float() for key, value in branch_out.outputs.items()})
         return out
 
     # ----------------------------------------------------------------------------- optimisation

@@ -41,6 +41,11 @@ class FeatureSpec:
         num_treatments: number of treatments when a ``treatment`` column is used (0: not read).
         extra_columns: float columns of the samples table passed through to the batch for
             evaluation only (for example the synthetic data's ``true_effect``); never model input.
+        request_candidates: the most candidates of a sample's request attached to it (0: not
+            read). With ``C > 0`` every samples table needs an int ``request_id`` column; each
+            sample then carries its request's candidate set (`Batch.request_item_id` and friends):
+            itself first, then the other samples of the same table sharing its ``request_id``, in
+            table row order, ``C`` in all at most. It never depends on which samples share a batch.
     """
 
     num_users: int
@@ -54,6 +59,7 @@ class FeatureSpec:
     user_dense: list[str] = field(default_factory=list)
     num_treatments: int = 0
     extra_columns: list[str] = field(default_factory=list)
+    request_candidates: int = 0
 
     def __post_init__(self) -> None:
         if self.num_users <= 0 or self.num_items <= 0:
@@ -62,6 +68,10 @@ class FeatureSpec:
             )
         if self.max_len <= 0:
             raise ValueError(f"features.max_len must be positive, got {self.max_len}")
+        if self.request_candidates < 0:
+            raise ValueError(
+                f"features.request_candidates must be >= 0 (0: no request candidates), got {self.request_candidates}"
+            )
         for group in ("history_sparse", "item_sparse", "user_sparse"):
             for name, vocab in getattr(self, group).items():
                 if vocab <= 0:

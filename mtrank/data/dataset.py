@@ -14,6 +14,13 @@ builds a whole `Batch` for an array of sample indices in one go:
   the batch to the main process copies nothing;
 - tensors keep the stored dtype (ints int32 when lossless), no per-sample Python.
 
+Request candidates (``features.request_candidates = C > 0``): at load time the samples are
+stable-sorted by ``request_id`` (`_request_index`: the (N,) int64 sort order and the sorted ids,
+cached as ``.npy`` next to the column cache and memory-mapped like the columns, so workers and DDP
+ranks share one copy); a batch then finds each sample's request with two binary searches and
+gathers its candidates (itself first, then the request's other rows in table order, ``C`` at most)
+from the table, never from the batch.
+
 `ShardedBatchSampler` runs in the main process and yields whole index batches (``np.ndarray``);
 give the DataLoader ``batch_size=None`` and ``sampler=<the sampler>`` (`make_loader` does), so
 workers take whole batches and never duplicate samples.
@@ -27,8 +34,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -129,12 +138,21 @@ class HistoryDataset(Dataset):
         self.propensity = cache.scalar("propensity", "float") if cache.has("propensity") else None
         self.request_id = cache.scalar("request_id", "int64") if cache.has("request_id") else None
         self._cache = cache
+        self._request_order: np.ndarray | None = None
+        self._request_sorted: np.ndarray | None = None
+        if f.request_candidates > 0:
+            if self.request_id is None:
+                raise KeyError(
+                    f"{self.path}: missing column 'request_id', needed by features.request_candidates = "
+                    f"{f.request_candidates} (columns: {cache.column_names})"
+                )
+            self._request_order, self._request_sorted = _request_index(cache, self.request_id)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         for key in ("user_id", "item_id", "ts", "item_sparse", "item_dense", "label_columns", "extras"):
             state.pop(key, None)
-        for key in ("treatment", "propensity", "request_id", "_cache"):
+        for key in ("treatment", "propensity", "request_id", "_cache", "_request_order", "_request_sorted"):
             state.pop(key, None)
         state["_windows"] = {}
         return state
@@ -228,6 +246,12 @@ class HistoryDataset(Dataset):
         ):
             if col is not None:
                 specs[key] = ((B,), col.dtype)
+        C = self.features.request_candidates
+        if C > 0:
+            specs["request_len"] = ((B,), np.dtype(np.int64))
+            specs["request_item_id"] = ((B, C), self.item_id.dtype)
+            specs.update({f"rs.{k}": ((B, C), v.dtype) for k, v in self.item_sparse.items()})
+            specs.update({f"rd.{k}": ((B, C), np.dtype(np.float32)) for k in self.item_dense})
         out = _allocate(specs, shared)
         arr = {k: t.numpy() for k, t in out.items()}
 
@@ -258,6 +282,9 @@ class HistoryDataset(Dataset):
         for prefix, group in (("us.", s.user_sparse), ("ud.", s.user_dense)):
             for k, v in group.items():
                 np.take(v, rows, out=arr[prefix + k])
+
+        if C > 0:
+            self._fill_requests(idx, arr, C)
 
         pad = np.arange(L, dtype=np.int64)[None, :] >= lengths[:, None] if B and lengths.min() < L else None
         channels = {"history_item_id": s.item_id, "history_ts": s.ts}
@@ -290,7 +317,44 @@ class HistoryDataset(Dataset):
             propensity=out.get("propensity"),
             request_id=out.get("request_id"),
             extras=group("ex."),
+            request_len=out.get("request_len"),
+            request_item_id=out.get("request_item_id"),
+            request_sparse=group("rs."),
+            request_dense=group("rd."),
         )
+
+    def _fill_requests(self, idx: np.ndarray, arr: dict[str, np.ndarray], C: int) -> None:
+        """Fill ``request_len`` and the (B, C) request-candidate outputs of ``arr`` for samples ``idx``.
+
+        Row ``b``: position 0 is ``idx[b]``; then the other rows sharing its ``request_id``, in
+        table order (the stable sort keeps it), up to ``C`` in all; 0 after ``request_len[b]``.
+        """
+        order, sorted_ids = self._request_order, self._request_sorted
+        if order is None or sorted_ids is None:
+            raise RuntimeError(f"{self.path.name}: features.request_candidates was 0 when the dataset was opened")
+        B, N = idx.shape[0], order.shape[0]
+        rid = arr["request_id"]
+        begin = np.searchsorted(sorted_ids, rid, side="left").astype(np.int64, copy=False)
+        end = np.searchsorted(sorted_ids, rid, side="right").astype(np.int64, copy=False)
+        lengths = arr["request_len"]
+        np.minimum(end - begin, C, out=lengths)  # the request holds the sample itself, so >= 1
+        members = np.repeat(idx[:, None], C, axis=1)  # (B, C) sample rows; invalid slots stay idx[b]
+        if C > 1 and B:
+            # the request's first C rows in table order hold at least C - 1 rows other than idx[b]
+            positions = begin[:, None] + np.arange(C, dtype=np.int64)[None, :]
+            inside = positions < end[:, None]
+            rows = np.take(order, np.minimum(positions, N - 1))
+            other = inside & (rows != idx[:, None])
+            slot = np.cumsum(other, axis=1)  # 1-based slot of each other row
+            keep = other & (slot < C)
+            members[np.nonzero(keep)[0], slot[keep]] = rows[keep]
+        pad = np.arange(C, dtype=np.int64)[None, :] >= lengths[:, None]
+        columns = {"request_item_id": self.item_id}
+        columns.update({f"rs.{k}": v for k, v in self.item_sparse.items()})
+        columns.update({f"rd.{k}": v for k, v in self.item_dense.items()})
+        for key, col in columns.items():
+            np.take(col, members, out=arr[key])
+            np.copyto(arr[key], 0, where=pad)
 
     def _gather_windows(
         self, key: str, flat: np.ndarray, starts: np.ndarray, out: torch.Tensor, out_np: np.ndarray, width: int
@@ -326,6 +390,41 @@ class HistoryDataset(Dataset):
                     base = torch.from_numpy(flat)
                 self._windows[cache_key] = base.as_strided((N - L + 1, L), (1, 1))
         return self._windows[cache_key]
+
+
+def _request_index(cache: ColumnCache, request_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, sorted ids): the stable argsort of ``request_id`` and ``request_id[order]``, both (N,) int64.
+
+    Rows of one request are ``order[lo:hi]`` (table order) where ``sorted ids[lo:hi]`` equal its
+    id. Cached as ``request_id.order.npy`` / ``request_id.sorted.npy`` in the column cache folder
+    (written to a temporary name and renamed, so concurrent processes race safely) and returned
+    memory-mapped; computed in memory when the folder cannot be written.
+    """
+    n = request_id.shape[0]
+    targets = {"order": cache.dir / "request_id.order.npy", "sorted": cache.dir / "request_id.sorted.npy"}
+    try:
+        loaded = {k: np.load(t, mmap_mode="r") for k, t in targets.items()}
+        if all(a.shape == (n,) and a.dtype == np.int64 for a in loaded.values()):
+            return loaded["order"], loaded["sorted"]
+    except (OSError, ValueError):
+        pass
+    ids = np.asarray(request_id, dtype=np.int64)
+    order = np.argsort(ids, kind="stable").astype(np.int64, copy=False)
+    arrays = {"order": order, "sorted": ids[order]}
+    del ids
+    try:
+        cache.dir.mkdir(parents=True, exist_ok=True)
+        for key, target in targets.items():
+            tmp = target.with_name(f"{target.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex}.npy")
+            try:
+                np.save(tmp, arrays[key])
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return np.load(targets["order"], mmap_mode="r"), np.load(targets["sorted"], mmap_mode="r")
+    except OSError as error:
+        log.warning("%s: cannot cache the request index (%s); keeping it in memory", cache.path.name, error)
+        return arrays["order"], arrays["sorted"]
 
 
 def _allocate(specs: dict[str, tuple[tuple[int, ...], np.dtype]], shared: bool) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ and how many rows are affected. Checked:
 - NaN/inf in labels and dense features (history channels included); binary labels not in {0, 1};
   ``propensity`` outside (0, 1];
 - histories not sorted by time; history lists of one user with different lengths across channels;
-- duplicate ``user_id`` in the users table; samples whose user is not in the users table.
+- duplicate ``user_id`` in the users table; samples whose user is not in the users table;
+- ``request_id`` is required (integers) when ``features.request_candidates > 0``, optional otherwise.
 """
 
 from __future__ import annotations
@@ -278,7 +279,22 @@ def _check_samples(
     expected.update(dict.fromkeys(f.extra_columns, _FLOAT))
     if f.num_treatments > 0:
         expected["treatment"] = _INT
-    optional = {"propensity": _FLOAT, "request_id": _INT}
+    optional = {"propensity": _FLOAT}
+    if f.request_candidates > 0:
+        expected["request_id"] = _INT
+        names = pq.read_schema(path).names
+        if "request_id" not in names:  # reported here so the message says why it is required
+            del expected["request_id"]
+            problems.add(
+                file,
+                "request_id",
+                "missing column",
+                0,
+                f"expected integers: features.request_candidates = {f.request_candidates} needs every "
+                f"sample's request id; columns: {names}",
+            )
+    else:
+        optional["request_id"] = _INT
     good = _check_columns(path, expected, problems, optional)
     vocab = {"user_id": f.num_users, "item_id": f.num_items, **f.item_sparse}
     if f.num_treatments > 0:

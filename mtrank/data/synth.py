@@ -327,6 +327,9 @@ def random_batch(features: FeatureSpec, history_len: list[int], width: int | Non
 
     Returns:
         B rows, left-aligned histories (0 at padding) with ascending times strictly before ``ts``.
+        With ``features.request_candidates = C > 0`` also random request candidates: ``request_len``
+        in ``[1, C]``, position 0 the row's own item and item features, random items after it, 0
+        at and after ``request_len``.
     """
     g = torch.Generator().manual_seed(seed)
     B = len(history_len)
@@ -342,20 +345,48 @@ def random_batch(features: FeatureSpec, history_len: list[int], width: int | Non
     ts = torch.full((B,), T0 + 30 * DAY, dtype=torch.int64)
     gaps = torch.randint(1, HOUR, (B, L), generator=g)
     history_ts = ts[:, None] - gaps.flip(1).cumsum(1).flip(1)  # ascending, all < ts
+    # drawn in the order of the Batch fields, so every seed gives the values it always gave
+    user_id, item_id = ids(features.num_users, B), ids(features.num_items, B)
+    history_item_id = ids(features.num_items, B, L) * mask
+    history_sparse = {n: ids(v, B, L) * mask for n, v in features.history_sparse.items()}
+    history_dense = {n: torch.rand(B, L, generator=g) * 100 * mask for n in features.history_dense}
+    item_sparse = {n: ids(v, B) for n, v in features.item_sparse.items()}
+    item_dense = {n: torch.rand(B, generator=g) * 60 for n in features.item_dense}
+    user_sparse = {n: ids(v, B) for n, v in features.user_sparse.items()}
+    user_dense = {n: torch.rand(B, generator=g) for n in features.user_dense}
+    request: dict = {}
+    C = features.request_candidates
+    if C > 0:  # drawn last: the other fields do not depend on C
+        request_len = torch.randint(1, C + 1, (B,), generator=g)
+        valid = torch.arange(C)[None, :] < request_len[:, None]  # (B, C)
+
+        def candidates(own: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+            """Position 0 = the row's own value, then ``others``; 0 at and after ``request_len``."""
+            return torch.cat([own[:, None], others[:, 1:]], dim=1) * valid
+
+        request = {
+            "request_len": request_len,
+            "request_item_id": candidates(item_id, ids(features.num_items, B, C)),
+            "request_sparse": {n: candidates(item_sparse[n], ids(v, B, C)) for n, v in features.item_sparse.items()},
+            "request_dense": {
+                n: candidates(item_dense[n], torch.rand(B, C, generator=g) * 60) for n in features.item_dense
+            },
+        }
     return Batch(
         sample_index=torch.arange(B),
-        user_id=ids(features.num_users, B),
-        item_id=ids(features.num_items, B),
+        user_id=user_id,
+        item_id=item_id,
         ts=ts,
         history_len=lengths,
-        history_item_id=ids(features.num_items, B, L) * mask,
+        history_item_id=history_item_id,
         history_ts=history_ts * mask,
-        history_sparse={n: ids(v, B, L) * mask for n, v in features.history_sparse.items()},
-        history_dense={n: torch.rand(B, L, generator=g) * 100 * mask for n in features.history_dense},
-        item_sparse={n: ids(v, B) for n, v in features.item_sparse.items()},
-        item_dense={n: torch.rand(B, generator=g) * 60 for n in features.item_dense},
-        user_sparse={n: ids(v, B) for n, v in features.user_sparse.items()},
-        user_dense={n: torch.rand(B, generator=g) for n in features.user_dense},
+        history_sparse=history_sparse,
+        history_dense=history_dense,
+        item_sparse=item_sparse,
+        item_dense=item_dense,
+        user_sparse=user_sparse,
+        user_dense=user_dense,
+        **request,
     )
 
 
