@@ -16,9 +16,13 @@ treatment-aware response model:
   by ``request_len``): ``a = Attn(W q, cands, cands)``; ``f = MLP([W q, a, x])`` (B, H) with
   ``x = EncoderOutput.target``.
 - **Treatment-aware response**: ``h = MLP([c, f, c ⊙ f])``; the raw response (logit for a binary
-  task) under treatment k is ``r_k = base(h) + δ_k(h)`` with ``δ_control = 0``: one base tower
+  task) under treatment k is ``r_k = base(h) + δ_k([h, c])`` with ``δ_control = 0``: one base tower
   (the control arm) plus one uplift tower per non-control arm, so the effect on the raw scale is
-  a network output of its own, not a difference of two noisy towers.
+  a network output of its own, not a difference of two noisy towers. The uplift towers also read
+  CPM's ``c`` directly (coarse to fine: the long-term treatment preference, refined by the
+  request-level ``h``); through ``h`` alone, which the base response trains, the heterogeneity of the
+  effect was learned about three times slower on the synthetic data (Spearman with the true effect
+  0.26 against 0.53 after the same two CPU epochs).
 
 Outputs per sample (`BranchOutput.outputs`, all (B,)): ``response_t{k}`` the predicted response
 under every treatment k (a probability for a binary task) and ``effect_t{k}`` =
@@ -60,6 +64,7 @@ from mtrank.batch import Batch
 from mtrank.losses import task_loss, task_prediction
 from mtrank.metrics import BinaryAUC
 from mtrank.spec import FeatureSpec, TaskSpec
+from mtrank.uplift_metrics import PEHE, UpliftMetrics
 
 PropensityMode = Literal["auto", "ignore", "required"]
 _CONTEXT_SCALARS = 4  # log1p(minutes since the newest behaviour), log(request size), sin/cos of the hour
@@ -176,7 +181,7 @@ class CDUM(Branch):
         H = hidden_dims[-1]
         self.fusion = MLP(3 * H, hidden_dims, dropout)
         self.base = TaskTower(H, tower_dims, dropout)
-        self.uplift = nn.ModuleList(TaskTower(H, tower_dims, dropout) for _ in self.arms)
+        self.uplift = nn.ModuleList(TaskTower(2 * H, tower_dims, dropout) for _ in self.arms)
         for tower in self.uplift:  # every arm starts with no effect: the model starts as a response model
             nn.init.zeros_(tower.out.weight)
             nn.init.zeros_(tower.out.bias)
@@ -230,7 +235,7 @@ class CDUM(Branch):
         base = self.base(h)  # (B,) raw response under control
         raw = [base] * self.num_treatments
         for arm, tower in zip(self.arms, self.uplift, strict=True):
-            raw[arm] = base + tower(h)
+            raw[arm] = base + tower(torch.cat([h, c], dim=-1))
         logits = torch.stack(raw, dim=-1).float()  # (B, K)
         response = task_prediction(self.task, logits)  # (B, K)
         outputs = {f"response_t{k}": response[:, k] for k in range(self.num_treatments)}
@@ -280,8 +285,6 @@ class UpliftBranchMetrics(BranchMetrics):
 
     def __init__(self, branch: CDUM) -> None:
         super().__init__()
-        from mtrank.uplift_metrics import PEHE, UpliftMetrics  # TEMP
-
         self.task = branch.task
         self.control = branch.control
         self.arms = list(branch.arms)
