@@ -28,7 +28,18 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparelib import ROOT, binary_tasks, fit, fmt, quality_cells, read_metrics, set_trainer, settings
+from comparelib import (
+    ROOT,
+    add_training_args,
+    binary_tasks,
+    fit,
+    fmt,
+    quality_cells,
+    read_metrics,
+    set_trainer,
+    settings,
+    write_config,
+)
 
 VARIANTS: dict[str, tuple[bool, bool]] = {  # name -> (fatigue on, uplift on)
     "none": (False, False),
@@ -62,9 +73,7 @@ def run_config(name: str, args: argparse.Namespace, run_dir: Path) -> Path:
     ]
     callbacks = [{"class_path": "mtrank.callbacks.ThroughputMonitor", "init_args": {"every_n_steps": 50}}]
     set_trainer(trainer, args, run_dir, loggers, callbacks)
-    path = run_dir / "config.yaml"
-    path.write_text(yaml.safe_dump(base, sort_keys=False))
-    return path
+    return write_config(base, run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,15 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=None, help="synthetic users (default: the quick start's)")
     parser.add_argument("--samples-per-user", type=float, default=None, help="default: the quick start's")
     parser.add_argument("--fatigue-strength", type=float, default=None, help="synthetic fatigue effect (default 0.5)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--limit-train-batches", type=float, default=None)
-    parser.add_argument("--limit-val-batches", type=float, default=None)
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--precision", default=None, help="e.g. bf16-mixed on a GPU")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=Path, default=Path("runs/compare_branches"))
-    parser.add_argument("--out", type=Path, default=Path("compare_branches.json"))
+    add_training_args(parser, "compare_branches", batch_size=256, epochs=2)
     args = parser.parse_args(argv)
 
     results: list[dict[str, Any]] = []

@@ -32,7 +32,17 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparelib import ROOT, binary_tasks, fit, quality_cells, read_metrics, set_trainer, settings
+from comparelib import (
+    ROOT,
+    add_training_args,
+    binary_tasks,
+    fit,
+    quality_cells,
+    read_metrics,
+    set_trainer,
+    settings,
+    write_config,
+)
 from encoder_flops import count_flops
 
 from mtrank.data.synth import SynthConfig, random_batch
@@ -80,9 +90,7 @@ def run_config(name: str, args: argparse.Namespace, synth: dict[str, Any], run_d
     loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}}]
     callbacks = [{"class_path": "mtrank.callbacks.ThroughputMonitor", "init_args": {"every_n_steps": 50}}]
     set_trainer(trainer, args, run_dir, loggers, callbacks)
-    path = run_dir / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_config(config, run_dir)
 
 
 def encoder_flops(config_path: Path) -> dict[str, int]:
@@ -104,15 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history-mean", type=float, default=700.0)
     parser.add_argument("--samples-per-user", type=float, default=40.0)
     parser.add_argument("--data-dir", type=Path, default=None, help="default: data/long<max-len>")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--limit-train-batches", type=float, default=None)
-    parser.add_argument("--limit-val-batches", type=float, default=None)
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--precision", default=None, help="e.g. bf16-mixed on a GPU")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=Path, default=Path("runs/compare"))
-    parser.add_argument("--out", type=Path, default=Path("compare_encoders.json"))
+    add_training_args(parser, "compare_encoders", batch_size=128, epochs=1)
+    parser.set_defaults(runs=Path("runs/compare"))
     args = parser.parse_args(argv)
     args.data_dir = args.data_dir or ROOT / "data" / f"long{args.max_len}"
     synth = {

@@ -37,7 +37,18 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparelib import ROOT, binary_tasks, fit, fmt, quality_cells, read_metrics, set_trainer, settings
+from comparelib import (
+    ROOT,
+    add_training_args,
+    binary_tasks,
+    fit,
+    fmt,
+    quality_cells,
+    read_metrics,
+    set_trainer,
+    settings,
+    write_config,
+)
 
 from mtrank.balance import read_offline_wandb_history
 
@@ -82,9 +93,7 @@ def run_config(name: str, args: argparse.Namespace, run_dir: Path) -> Path:
         },
     ]
     set_trainer(trainer, args, run_dir, loggers, callbacks)
-    path = run_dir / "config.yaml"
-    path.write_text(yaml.safe_dump(base, sort_keys=False))
-    return path
+    return write_config(base, run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,16 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "quickstart")
     parser.add_argument("--users", type=int, default=None, help="synthetic users (default: the quick start's)")
     parser.add_argument("--samples-per-user", type=float, default=None, help="default: the quick start's")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--limit-train-batches", type=float, default=None)
-    parser.add_argument("--limit-val-batches", type=float, default=None)
     parser.add_argument("--balance-every", type=int, default=50, help="training steps between balance logs")
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--precision", default=None, help="e.g. bf16-mixed on a GPU")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=Path, default=Path("runs/compare_heads"))
-    parser.add_argument("--out", type=Path, default=Path("compare_heads.json"))
+    add_training_args(parser, "compare_heads", batch_size=256, epochs=2)
     args = parser.parse_args(argv)
 
     results: list[dict[str, Any]] = []

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +59,28 @@ def set_trainer(
             trainer[option] = getattr(args, option)
 
 
+def add_training_args(parser: argparse.ArgumentParser, name: str, batch_size: int, epochs: int) -> None:
+    """The options every comparison script has: budget (``--batch-size``, ``--epochs``, ``--limit-*``),
+    device (``--accelerator``, ``--precision``), ``--seed``, and where runs and results go
+    (``--runs runs/<name>``, ``--out <name>.json``)."""
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--limit-train-batches", type=float, default=None)
+    parser.add_argument("--limit-val-batches", type=float, default=None)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--precision", default=None, help="e.g. bf16-mixed on a GPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=Path, default=Path(f"runs/{name}"))
+    parser.add_argument("--out", type=Path, default=Path(f"{name}.json"))
+
+
+def write_config(config: dict[str, Any], run_dir: Path) -> Path:
+    """Write a run's full config to ``<run_dir>/config.yaml``; return the path."""
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def read_metrics(run_dir: Path) -> dict[str, float]:
     """The last logged value of every ``val/`` and ``perf/epoch`` metric of the run's CSV log.
 
@@ -80,8 +103,12 @@ def read_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def binary_tasks(results: list[dict[str, Any]]) -> list[str]:
-    """Task names with a validation AUC in any result's ``metrics``, sorted."""
-    return sorted({k.split("/")[1] for r in results for k in r.get("metrics", {}) if k.endswith("/auc")})
+    """Task names with a validation AUC (``val/<task>/auc``) in any result's ``metrics``, sorted.
+
+    Slices and branches (``val/exposed/<task>/auc``, ``val/uplift/auc``) are not tasks.
+    """
+    keys = {k for r in results for k in r.get("metrics", {})}
+    return sorted({k.split("/")[1] for k in keys if k.endswith("/auc") and k.count("/") == 2} - {"uplift"})
 
 
 def fmt(value: float | None, spec: str = ".3f") -> str:

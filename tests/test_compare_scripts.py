@@ -88,3 +88,26 @@ def test_compare_encoders_tabulates_every_encoder(tmp_path: Path) -> None:
         assert 0 <= row["metrics"]["val/click/auc"] <= 1
         assert row["metrics"]["perf/epoch_train_samples_per_s"] > 0
         assert 0 < row["flops"]["attention"] < row["flops"]["total"]
+
+
+@pytest.mark.slow
+def test_compare_branches_writes_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both branches off and on: the uplift columns only where the uplift branch runs, the exposure slice everywhere."""
+    script = load_script("compare_branches")
+    out = tmp_path / "branches.json"
+    argv = ["--variants", "none", "both", "--epochs", "1", "--limit-train-batches", "3", "--limit-val-batches", "3"]
+    argv += ["--users", "300", "--samples-per-user", "20", "--batch-size", "128"]
+    argv += ["--data-dir", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert script.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "exposed click AUC/logloss" in printed and "both" in printed
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"none", "both"}
+    none, both = results["none"]["metrics"], results["both"]["metrics"]
+    assert "val/uplift/auuc" not in none and "val/uplift/auuc" in both
+    assert {"val/uplift/qini", "val/uplift/pehe", "val/loss/uplift", "val/loss/fatigue_cl"} - set(both) == {
+        "val/loss/fatigue_cl"  # the contrastive loss is a training loss only
+    }
+    for metrics in (none, both):
+        assert 0 < metrics["val/exposed/fraction"] < 1
+        assert 0 <= metrics["val/exposed/click/auc"] <= 1

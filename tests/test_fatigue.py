@@ -8,6 +8,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from helpers import quiet_trainer, small_model
 
 from encoders import HSTUEncoder
 from encoders.base import EncoderOutput
@@ -171,23 +172,9 @@ def _fit(cfg: SynthConfig, data_dir: str, fatigue: bool) -> dict[str, float]:
     L.seed_everything(0)
     tasks = [t for t in cfg.tasks() if t.name in ("click", "like")]
     data = RankingDataModule(data_dir, features=cfg.features(), tasks=tasks, synth=cfg, batch_size=256)
-    model = RankingModule(
-        tasks,
-        cfg.features(),
-        encoder=partial(HSTUEncoder, dim=32, num_layers=1, num_heads=2),
-        heads=partial(MMoE, num_experts=2, expert_dims=(64,), tower_dims=(32,)),
-        optimizer=partial(torch.optim.AdamW, lr=3e-3),
-        fatigue=partial(FRec) if fatigue else None,
-        exposure_slice=ExposureSlice(),
-    )
-    trainer = L.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    branch = partial(FRec) if fatigue else None
+    model = small_model(tasks, cfg.features(), fatigue=branch, exposure_slice=ExposureSlice())
+    trainer = quiet_trainer()
     trainer.fit(model, data)
     return trainer.validate(model, data, verbose=False)[0]
 

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import quiet_trainer, small_model
 
 from encoders import HSTUEncoder
 from encoders.base import EncoderOutput
@@ -188,22 +189,8 @@ def test_predicted_effect_correlates_with_the_true_effect(tmp_path) -> None:
     tasks = [t for t in cfg.tasks() if t.name in ("click", "like")]
     L.seed_everything(0)
     data = RankingDataModule(str(tmp_path), features=features, tasks=tasks, synth=cfg, batch_size=256)
-    model = RankingModule(
-        tasks,
-        features,
-        encoder=partial(HSTUEncoder, dim=32, num_layers=1, num_heads=2),
-        heads=partial(MMoE, num_experts=2, expert_dims=(64,), tower_dims=(32,)),
-        optimizer=partial(torch.optim.AdamW, lr=3e-3),
-        uplift=partial(CDUM),
-    )
-    trainer = L.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    model = small_model(tasks, features, uplift=partial(CDUM))
+    trainer = quiet_trainer()
     trainer.fit(model, data)
     metrics = trainer.validate(model, data, verbose=False)[0]
     predictions = trainer.predict(model, data.val_dataloader())

@@ -1,0 +1,41 @@
+"""Test helpers shared by several test files (importable as ``helpers``: pytest puts ``tests/`` on the path)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+
+from encoders import HSTUEncoder
+from heads import MMoE
+from mtrank.module import RankingModule
+from mtrank.spec import FeatureSpec, TaskSpec
+
+
+def quiet_trainer(**kwargs: Any) -> L.Trainer:
+    """A CPU `L.Trainer` without logger, checkpoints, progress bar or summary (``kwargs`` override)."""
+    settings: dict[str, Any] = {
+        "max_epochs": 2,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "use_distributed_sampler": False,
+    }
+    settings.update(kwargs)
+    return L.Trainer(**settings)
+
+
+def small_model(tasks: Sequence[TaskSpec], features: FeatureSpec, **kwargs: Any) -> RankingModule:
+    """A small HSTU + MMoE `RankingModule` (AdamW 3e-3) for learning tests; ``kwargs`` add branches etc."""
+    return RankingModule(
+        list(tasks),
+        features,
+        encoder=partial(HSTUEncoder, dim=32, num_layers=1, num_heads=2),
+        heads=partial(MMoE, num_experts=2, expert_dims=(64,), tower_dims=(32,)),
+        optimizer=partial(torch.optim.AdamW, lr=3e-3),
+        **kwargs,
+    )
