@@ -1,31 +1,34 @@
-"""Uplift metrics: uplift and Qini curves, AUUC, Qini coefficient, uplift@k, PEHE — scikit-uplift's definitions.
+"""Uplift metrics: uplift and Qini curves, AUUC, Qini coefficient, uplift@k and PEHE, in torch.
 
-Every function follows ``sklift.metrics`` (scikit-uplift 0.5.1) exactly, in torch and float64, for a
-binary treatment flag (1 treated, 0 control), an outcome ``y`` (binary or real) and predicted uplift
-scores; `UpliftMetrics` and `PEHE` are `torchmetrics.Metric`s whose states torchmetrics gathers
-across processes under DDP, so a multi-GPU validation reports the metric of the whole set.
+The curve functions and scores follow scikit-uplift 0.5.1 (``sklift.metrics``) exactly: samples are
+sorted by predicted uplift, descending (numpy's stable ascending sort, reversed, so tied scores come
+in reverse input order as in sklift); the curves have one point at the end of each run of tied scores
+and start at (0, 0). With cumulative counts ``n_t``, ``n_c`` and outcome sums ``y_t``, ``y_c`` of the
+treated and control samples above a threshold:
 
-Curves. Sort by uplift descending; at the last index of every run of tied scores (a threshold)
-take the cumulative counts ``n_t``, ``n_c`` and outcome sums ``y_t``, ``y_c`` of each arm:
+* uplift curve: ``(y_t / n_t - y_c / n_c) * (n_t + n_c)`` (a rate with a zero count reads as 0);
+* Qini curve: ``y_t - y_c * n_t / n_c`` (0 for the control term while ``n_c`` is 0).
 
-    uplift curve:  (y_t / n_t - y_c / n_c) * (n_t + n_c)     (0/0 read as 0)
-    Qini curve:    y_t - y_c * n_t / n_c                     (0 where n_c = 0)
+`auuc_score` and `qini_score` are the areas (trapezoidal rule) between the curve and the random line
+from (0, 0) to the curve's end, divided by the same area of the perfect curve. `UpliftMetrics` gathers
+all scores (synced by concatenation under DDP) and reports both of them, uplift@k and the raw areas.
 
-with ``x = n_t + n_c``; both start at (0, 0). Areas by the trapezoidal rule.
-
-Scores. ``auuc_score`` (sklift ``uplift_auc_score``) and ``qini_score`` (``qini_auc_score``) are the
-area between the model's curve and the random line (from (0, 0) to the curve's end), divided by the
-same area of the perfect model's curve: 1 perfect, 0 random, negative worse than random.
-``uplift_at_k`` is the treated minus the control outcome rate among the top ``k`` fraction by score.
+Outcomes may be real-valued for the curves, `uplift_at_k` and the Qini score (sklift accepts binary
+outcomes only); the perfect uplift curve, hence `auuc_score`, is defined for outcomes in {0, 1} only.
 
 Example:
-    >>> y, t = torch.tensor([1.0, 0, 1, 1, 0, 0]), torch.tensor([1, 0, 1, 0, 1, 0])
-    >>> round(float(auuc_score(y, torch.tensor([0.9, 0.8, 0.8, 0.3, 0.2, 0.1]), t)), 4)
-    0.46
+    >>> y = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0])
+    >>> uplift = torch.tensor([0.9, 0.8, 0.7, 0.7, 0.5, 0.4, 0.3, 0.1])
+    >>> treatment = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0])
+    >>> qini_curve(y, uplift, treatment)[1].tolist()  # one point per distinct score, plus the origin
+    [0.0, 1.0, 1.0, 1.0, 0.5, 1.0, 0.6666666666666667, 1.0]
+    >>> round(float(auuc_score(y, uplift, treatment)), 6)  # 4 / 15.75
+    0.253968
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
 import torch
@@ -33,192 +36,370 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+ArrayLike = Tensor | list | tuple
 
-def _check(y: Tensor, uplift: Tensor, treatment: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    if not (y.shape == uplift.shape == treatment.shape) or y.dim() != 1:
-        raise ValueError(f"uplift metrics: y, uplift and treatment must be (N,) alike, got {y.shape}, "
-                         f"{uplift.shape}, {treatment.shape}")  # fmt: skip
-    t = treatment.detach().reshape(-1).long()
-    if bool(((t != 0) & (t != 1)).any()):
-        raise ValueError("uplift metrics: treatment must be a 0/1 flag (1 treated, 0 control)")
-    if int(t.sum()) in (0, t.numel()):
-        raise ValueError("uplift metrics: need both treated (1) and control (0) samples")
-    return y.detach().double().reshape(-1), uplift.detach().double().reshape(-1), t
+
+def _check_inputs(y: ArrayLike, uplift: ArrayLike | None, treatment: ArrayLike) -> tuple[Tensor, Tensor, Tensor]:
+    """Validates shapes and arms; returns flat float64 (y, uplift, treatment). ``uplift=None`` gives zeros."""
+    y = torch.as_tensor(y).detach()
+    treatment = torch.as_tensor(treatment, device=y.device).detach()
+    uplift = torch.zeros_like(y, dtype=torch.float64) if uplift is None else torch.as_tensor(uplift).detach()
+    if not (y.shape == uplift.shape == treatment.shape):
+        raise ValueError(
+            f"y, uplift and treatment must have the same shape, got {tuple(y.shape)}, {tuple(uplift.shape)} "
+            f"and {tuple(treatment.shape)}"
+        )
+    y, uplift, treatment = (a.reshape(-1).to(device=y.device, dtype=torch.float64) for a in (y, uplift, treatment))
+    if bool(((treatment != 0) & (treatment != 1)).any()):
+        raise ValueError("treatment must hold only 0 (control) and 1 (treated)")
+    if not bool((treatment == 1).any()):
+        raise ValueError("no treated samples (treatment == 1): uplift metrics need both arms")
+    if not bool((treatment == 0).any()):
+        raise ValueError("no control samples (treatment == 0): uplift metrics need both arms")
+    return y, uplift, treatment
 
 
 def _descending(uplift: Tensor) -> Tensor:
-    """sklift's order: a stable ascending sort, reversed (so ties come in reverse input order)."""
+    """sklift's order: ``np.argsort(uplift, kind="mergesort")[::-1]`` (ties in reverse input order)."""
     return torch.argsort(uplift, stable=True).flip(0)
 
 
-def _cumulative(y: Tensor, uplift: Tensor, t: Tensor) -> tuple[Tensor, ...]:
-    """At each threshold: (n_all, n_t, n_c, y_t, y_c), float64."""
+def _cumulative_at_thresholds(y: Tensor, uplift: Tensor, treatment: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(n_all, n_t, y_t, y_c) at the last index of each run of tied scores, in descending score order."""
     order = _descending(uplift)
-    y, u, t = y[order], uplift[order], t[order].double()
-    distinct = torch.nonzero(u[1:] != u[:-1]).reshape(-1)
-    last = torch.tensor([u.numel() - 1], device=u.device)
-    idx = torch.cat([distinct, last])
-    n_t = torch.cumsum(t, 0)[idx]
-    y_t = torch.cumsum(y * t, 0)[idx]
-    y_c = torch.cumsum(y * (1 - t), 0)[idx]
-    n_all = (idx + 1).double()
-    return n_all, n_t, n_all - n_t, y_t, y_c
+    y, uplift, treatment = y[order], uplift[order], treatment[order]
+    # np.where(np.diff(uplift)): a nonzero (or NaN, as inf - inf) difference starts a new run
+    distinct = torch.nonzero(uplift[1:] - uplift[:-1] != 0).reshape(-1)
+    thresholds = torch.cat([distinct, distinct.new_tensor([uplift.numel() - 1])])
+    n_t = torch.cumsum(treatment, 0)[thresholds]
+    y_t = torch.cumsum(y * (treatment == 1), 0)[thresholds]
+    y_c = torch.cumsum(y * (treatment == 0), 0)[thresholds]
+    n_all = (thresholds + 1).double()
+    return n_all, n_t, y_t, y_c
 
 
-def _safe_div(a: Tensor, b: Tensor) -> Tensor:
-    return torch.where(b != 0, a / torch.where(b != 0, b, torch.ones_like(b)), torch.zeros_like(a))
+def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, 0 where den is 0 (``np.divide(..., out=zeros, where=den != 0)``)."""
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _start_at_zero(x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    if x.numel() == 0 or v[0] != 0 or x[0] != 0:
-        zero = torch.zeros(1, dtype=x.dtype, device=x.device)
-        x, v = torch.cat([zero, x]), torch.cat([zero, v])
-    return x, v
+def _from_origin(x: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    zero = x.new_zeros(1)
+    return torch.cat([zero, x]), torch.cat([zero, values])
 
 
-def uplift_curve(y: Tensor, uplift: Tensor, treatment: Tensor) -> tuple[Tensor, Tensor]:
-    """(N,) outcomes, scores, 0/1 treatment -> (x, values) of the uplift curve, float64, from (0, 0)."""
-    n_all, n_t, n_c, y_t, y_c = _cumulative(*_check(y, uplift, treatment))
-    return _start_at_zero(n_all, (_safe_div(y_t, n_t) - _safe_div(y_c, n_c)) * n_all)
+def _curves(y: Tensor, uplift: Tensor, treatment: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x, uplift-curve values, Qini-curve values (checked inputs), both curves from (0, 0)."""
+    n_all, n_t, y_t, y_c = _cumulative_at_thresholds(y, uplift, treatment)
+    n_c = n_all - n_t
+    uplift_values = (_safe_divide(y_t, n_t) - _safe_divide(y_c, n_c)) * n_all
+    qini_values = y_t - y_c * _safe_divide(n_t, n_c)
+    x, uplift_values = _from_origin(n_all, uplift_values)
+    _, qini_values = _from_origin(n_all, qini_values)
+    return x, uplift_values, qini_values
 
 
-def qini_curve(y: Tensor, uplift: Tensor, treatment: Tensor) -> tuple[Tensor, Tensor]:
-    """(N,) outcomes, scores, 0/1 treatment -> (x, values) of the Qini curve, float64, from (0, 0)."""
-    n_all, n_t, n_c, y_t, y_c = _cumulative(*_check(y, uplift, treatment))
-    return _start_at_zero(n_all, y_t - y_c * _safe_div(n_t, n_c))
+def uplift_curve(y: ArrayLike, uplift: ArrayLike, treatment: ArrayLike) -> tuple[Tensor, Tensor]:
+    """Uplift curve, as ``sklift.metrics.uplift_curve``.
+
+    Args:
+        y: (N,) outcomes (binary or real).
+        uplift: (N,) predicted uplift scores.
+        treatment: (N,) 1 for treated, 0 for control; both arms must be present.
+
+    Returns:
+        x: (P + 1,) float64 number of samples targeted at each threshold (0 first).
+        values: (P + 1,) float64 ``(y_t / n_t - y_c / n_c) * (n_t + n_c)`` at each threshold (0 first).
+
+    Raises:
+        ValueError: different shapes, treatment not in {0, 1}, or no treated or no control sample.
+    """
+    x, values, _ = _curves(*_check_inputs(y, uplift, treatment))
+    return x, values
 
 
-def perfect_uplift_curve(y: Tensor, treatment: Tensor) -> tuple[Tensor, Tensor]:
-    """The uplift curve of sklift's ideal ordering (treated responders first, control responders last)."""
-    yd, t = y.double(), treatment.long()
-    control_responders = int(((yd == 1) & (t == 0)).sum())
-    treated_non_responders = int(((yd == 0) & (t == 1)).sum())
-    summand = yd if control_responders > treated_non_responders else t.double()
-    return uplift_curve(y, 2 * (yd == t.double()).double() + summand, treatment)
+def qini_curve(y: ArrayLike, uplift: ArrayLike, treatment: ArrayLike) -> tuple[Tensor, Tensor]:
+    """Qini curve, as ``sklift.metrics.qini_curve``; arguments and errors as `uplift_curve`.
+
+    Returns:
+        x: (P + 1,) float64 number of samples targeted at each threshold (0 first).
+        values: (P + 1,) float64 ``y_t - y_c * n_t / n_c`` at each threshold (0 first).
+    """
+    x, _, values = _curves(*_check_inputs(y, uplift, treatment))
+    return x, values
 
 
-def perfect_qini_curve(y: Tensor, treatment: Tensor, negative_effect: bool = True) -> tuple[Tensor, Tensor]:
-    """The Qini curve of the ideal ordering; without negative effects, sklift's two-segment line."""
-    yd, t = y.double(), treatment.double()
+def _perfect_uplift_scores(y: Tensor, treatment: Tensor) -> Tensor:
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError("the perfect uplift curve (and auuc_score) is defined for binary outcomes (0/1) only")
+    control_responders = int(((y == 1) & (treatment == 0)).sum())
+    treated_non_responders = int(((y == 0) & (treatment == 1)).sum())
+    summand = y if control_responders > treated_non_responders else treatment
+    return 2 * (y == treatment).double() + summand
+
+
+def perfect_uplift_curve(y: ArrayLike, treatment: ArrayLike) -> tuple[Tensor, Tensor]:
+    """The best possible uplift curve, as ``sklift.metrics.perfect_uplift_curve``.
+
+    The uplift curve of the ordering: treated responders, control non-responders, then control
+    responders before treated non-responders if there are more of them (else the other way round).
+
+    Args:
+        y: (N,) binary outcomes.
+        treatment: (N,) 1 for treated, 0 for control.
+
+    Returns:
+        x, values: as `uplift_curve`.
+
+    Raises:
+        ValueError: as `uplift_curve`, or an outcome outside {0, 1}.
+    """
+    y, _, treatment = _check_inputs(y, None, treatment)
+    x, values, _ = _curves(y, _perfect_uplift_scores(y, treatment), treatment)
+    return x, values
+
+
+def _perfect_qini(y: Tensor, treatment: Tensor, negative_effect: bool) -> tuple[Tensor, Tensor]:
+    if not isinstance(negative_effect, bool):
+        raise TypeError(f"negative_effect must be a bool, got {type(negative_effect)}")
     if negative_effect:
-        return qini_curve(y, yd * t - yd * (1 - t), treatment)
-    n = float(yd.numel())
-    ratio = float(yd[t == 1].sum() - (t == 1).sum() * yd[t == 0].sum() / (t == 0).sum())
-    return torch.tensor([0.0, ratio, n], dtype=torch.float64), torch.tensor([0.0, ratio, ratio], dtype=torch.float64)
+        x, _, values = _curves(y, y * treatment - y * (1 - treatment), treatment)
+        return x, values
+    treated, control = treatment == 1, treatment == 0
+    ratio_random = y[treated].sum() - treated.sum() * y[control].sum() / control.sum()
+    zero, n = ratio_random.new_zeros(()), ratio_random.new_tensor(float(y.numel()))
+    return torch.stack([zero, ratio_random, n]), torch.stack([zero, ratio_random, ratio_random])
 
 
-def _area(x: Tensor, v: Tensor) -> Tensor:
-    return torch.trapezoid(v, x)
+def perfect_qini_curve(y: ArrayLike, treatment: ArrayLike, negative_effect: bool = True) -> tuple[Tensor, Tensor]:
+    """The best possible Qini curve, as ``sklift.metrics.perfect_qini_curve``.
+
+    With ``negative_effect``: the Qini curve of the scores ``y * t - y * (1 - t)`` (treated responders
+    first, control responders last). Without: the three points (0, 0), (r, r), (N, r), r being the
+    curve's end value ``y_t - n_t * y_c / n_c`` (sklift's definition, x and value in mixed units).
+
+    Args:
+        y: (N,) outcomes (sklift allows binary only; real values use the same formulas).
+        treatment: (N,) 1 for treated, 0 for control.
+        negative_effect: whether the perfect ordering may show a negative effect (control responders last).
+
+    Returns:
+        x, values: float64 points of the curve, from (0, 0).
+    """
+    y, _, treatment = _check_inputs(y, None, treatment)
+    return _perfect_qini(y, treatment, negative_effect)
 
 
-def _normalised(curve: tuple[Tensor, Tensor], perfect: tuple[Tensor, Tensor]) -> Tensor:
-    x_p, v_p = perfect
-    baseline = _area(torch.stack([x_p[0] * 0, x_p[-1]]), torch.stack([v_p[0] * 0, v_p[-1]]))
-    return (_area(*curve) - baseline) / (_area(*perfect) - baseline)
+def _trapezoid(x: Tensor, values: Tensor) -> Tensor:
+    """``sklearn.metrics.auc``: trapezoidal area; x must be monotonic (a decreasing x gives a positive area)."""
+    dx = x[1:] - x[:-1]
+    direction = 1.0
+    if bool((dx < 0).any()):
+        if not bool((dx <= 0).all()):
+            raise ValueError(f"x is neither increasing nor decreasing: {x.tolist()}")
+        direction = -1.0
+    return direction * (dx * (values[1:] + values[:-1]) / 2.0).sum()
 
 
-def auuc_score(y: Tensor, uplift: Tensor, treatment: Tensor) -> Tensor:
-    """0-dim normalised area under the uplift curve (sklift ``uplift_auc_score``)."""
-    return _normalised(uplift_curve(y, uplift, treatment), perfect_uplift_curve(y, treatment))
+def _normalised_area(x: Tensor, values: Tensor, x_perfect: Tensor, values_perfect: Tensor) -> tuple[Tensor, Tensor]:
+    """(score, area above random): sklift's ratio of areas between curve and the random line."""
+    zero = x_perfect.new_zeros(())
+    baseline = _trapezoid(torch.stack([zero, x_perfect[-1]]), torch.stack([zero, values_perfect[-1]]))
+    actual = _trapezoid(x, values) - baseline
+    perfect = _trapezoid(x_perfect, values_perfect) - baseline
+    return actual / perfect, actual
 
 
-def qini_score(y: Tensor, uplift: Tensor, treatment: Tensor, negative_effect: bool = True) -> Tensor:
-    """0-dim Qini coefficient: normalised area under the Qini curve (sklift ``qini_auc_score``)."""
-    return _normalised(qini_curve(y, uplift, treatment), perfect_qini_curve(y, treatment, negative_effect))
+def auuc_score(y: ArrayLike, uplift: ArrayLike, treatment: ArrayLike) -> Tensor:
+    """Normalised area under the uplift curve, as ``sklift.metrics.uplift_auc_score``.
+
+    ``(area(uplift curve) - area(random)) / (area(perfect uplift curve) - area(random))``, the random
+    line joining (0, 0) to the end of the curve. NaN when the perfect curve has no area above it (e.g.
+    no responder at all; sklift refuses such an outcome vector).
+
+    Args:
+        y: (N,) binary outcomes.
+        uplift: (N,) predicted uplift scores.
+        treatment: (N,) 1 for treated, 0 for control.
+
+    Returns:
+        () float64 score, 1 for the perfect ordering, about 0 for a random one.
+
+    Raises:
+        ValueError: as `uplift_curve`, or an outcome outside {0, 1}.
+    """
+    y, uplift, treatment = _check_inputs(y, uplift, treatment)
+    x, values, _ = _curves(y, uplift, treatment)
+    x_perfect, values_perfect, _ = _curves(y, _perfect_uplift_scores(y, treatment), treatment)
+    return _normalised_area(x, values, x_perfect, values_perfect)[0]
+
+
+def qini_score(y: ArrayLike, uplift: ArrayLike, treatment: ArrayLike, negative_effect: bool = True) -> Tensor:
+    """Qini coefficient: normalised area under the Qini curve, as ``sklift.metrics.qini_auc_score``.
+
+    Args:
+        y: (N,) outcomes (binary in sklift; real values use the same formulas).
+        uplift: (N,) predicted uplift scores.
+        treatment: (N,) 1 for treated, 0 for control.
+        negative_effect: passed to `perfect_qini_curve`.
+
+    Returns:
+        () float64 score.
+
+    Raises:
+        ValueError: as `uplift_curve`.
+    """
+    y, uplift, treatment = _check_inputs(y, uplift, treatment)
+    x, _, values = _curves(y, uplift, treatment)
+    x_perfect, values_perfect = _perfect_qini(y, treatment, negative_effect)
+    return _normalised_area(x, values, x_perfect, values_perfect)[0]
+
+
+def _uplift_at_k(
+    y: Tensor, uplift: Tensor, treatment: Tensor, k: float | int, strategy: Literal["overall", "by_group"]
+) -> Tensor:
+    if strategy not in ("overall", "by_group"):
+        raise ValueError(f"strategy must be 'overall' or 'by_group', got {strategy!r}")
+    n = y.numel()
+    is_int = isinstance(k, numbers.Integral) and not isinstance(k, bool)
+    if not is_int and not (isinstance(k, numbers.Real) and not isinstance(k, bool)):
+        raise ValueError(f"k must be a float in (0, 1) or an int in (0, {n}), got {k!r}")
+    if (is_int and not 0 < k < n) or (not is_int and not 0 < k < 1):
+        raise ValueError(
+            f"k={k} should be either a positive int smaller than the number of samples {n} or a float in (0, 1)"
+        )
+    order = _descending(uplift)
+    y, treatment = y[order], treatment[order]
+    if strategy == "overall":
+        top = int(k) if is_int else int(n * k)
+        y_top, t_top = y[:top], treatment[:top]
+        y_treated, y_control = y_top[t_top == 1], y_top[t_top == 0]
+    else:
+        y_treated, y_control = y[treatment == 1], y[treatment == 0]
+        n_treated = int(k) if is_int else int(y_treated.numel() * k)
+        n_control = int(k) if is_int else int(y_control.numel() * k)
+        if n_treated > y_treated.numel() or n_control > y_control.numel():
+            raise ValueError(
+                f"k={k} is larger than the treated ({y_treated.numel()}) or control ({y_control.numel()}) group"
+            )
+        y_treated, y_control = y_treated[:n_treated], y_control[:n_control]
+    # mean of an empty selection is NaN, as numpy's
+    return y_treated.sum() / y_treated.numel() - y_control.sum() / y_control.numel()
 
 
 def uplift_at_k(
-    y: Tensor, uplift: Tensor, treatment: Tensor, k: float = 0.3, strategy: Literal["overall", "by_group"] = "overall"
+    y: ArrayLike,
+    uplift: ArrayLike,
+    treatment: ArrayLike,
+    k: float | int = 0.3,
+    strategy: Literal["overall", "by_group"] = "overall",
 ) -> Tensor:
-    """0-dim treated minus control outcome rate in the top ``k`` fraction by score (sklift ``uplift_at_k``).
+    """Uplift among the top-k samples by predicted uplift, as ``sklift.metrics.uplift_at_k``.
 
-    ``overall``: the top ``int(N k)`` samples of all; ``by_group``: the top ``int(N_t k)`` treated and
-    the top ``int(N_c k)`` control samples separately. NaN when an arm has no sample in the top.
+    ``overall``: mean outcome of the treated minus that of the control samples among the first
+    ``int(N * k)`` samples. ``by_group``: mean outcome of the first ``int(N_t * k)`` treated minus that of
+    the first ``int(N_c * k)`` control samples. An int k is a number of samples (in each arm for
+    ``by_group``). NaN when an arm has no sample in the selection.
+
+    Args:
+        y: (N,) outcomes (binary or real).
+        uplift: (N,) predicted uplift scores.
+        treatment: (N,) 1 for treated, 0 for control.
+        k: float in (0, 1) (a fraction) or int in (0, N) (a count).
+        strategy: ``"overall"`` or ``"by_group"``.
+
+    Returns:
+        () float64 uplift.
+
+    Raises:
+        ValueError: as `uplift_curve`, a k out of range, or an unknown strategy.
     """
-    y, uplift, t = _check(y, uplift, treatment)
-    if not 0 < k <= 1:
-        raise ValueError(f"uplift_at_k: k must be in (0, 1], got {k}")
-    order = _descending(uplift)
-    y, t = y[order], t[order]
-    if strategy == "overall":
-        top = int(y.numel() * k)
-        yt, tt = y[:top], t[:top]
-        treated, control = yt[tt == 1], yt[tt == 0]
-    elif strategy == "by_group":
-        treated = y[t == 1][: int(int((t == 1).sum()) * k)]
-        control = y[t == 0][: int(int((t == 0).sum()) * k)]
-    else:
-        raise ValueError(f"uplift_at_k: strategy must be 'overall' or 'by_group', got {strategy!r}")
-    return treated.mean() - control.mean()  # mean of an empty tensor is NaN
+    return _uplift_at_k(*_check_inputs(y, uplift, treatment), k, strategy)
 
 
 class UpliftMetrics(Metric):
-    """AUUC, Qini coefficient and uplift@k of predicted uplift against observed outcomes.
+    """AUUC, Qini coefficient, uplift@k and the raw areas over every sample seen; synced by concatenation.
 
-    ``update(uplift (N,), y (N,), treatment (N,) 0/1)``; states are concatenated (gathered across
-    processes under DDP). ``compute`` gives ``auuc``, ``qini`` (normalised, sklift), ``uplift_at_k``
-    (overall strategy) and ``auuc_raw`` / ``qini_raw``: the area between the curve and the random line
-    divided by N², comparable across data sizes. NaN everywhere when an arm is missing.
+    `compute` returns ``auuc`` (`auuc_score`), ``qini`` (`qini_score`, negative_effect=True),
+    ``uplift_at_k`` (`uplift_at_k` with this metric's k and strategy), and ``auuc_raw``, ``qini_raw``:
+    the areas between the curve and the random line divided by N² — the area with x as the fraction
+    of samples targeted and the curve per sample, so they do not grow with N. All values are NaN if
+    only one arm (or nothing) was seen; ``auuc`` is NaN too if an outcome is not in {0, 1}.
 
-    Args:
-        k: the fraction of ``uplift_at_k``.
+    The curves (so ``auuc``, ``qini`` and the raw areas) do not depend on the order of the samples;
+    ``uplift_at_k`` does when the top-k cut splits a run of tied scores (sklift takes tied samples in
+    reverse input order), so under DDP it may differ slightly from one process on the same data.
     """
 
-    full_state_update = False
+    is_differentiable = False
     higher_is_better = True
+    full_state_update = False
 
-    def __init__(self, k: float = 0.3, **kwargs: object) -> None:
+    def __init__(self, k: float = 0.3, strategy: Literal["overall", "by_group"] = "overall", **kwargs: object) -> None:
         super().__init__(**kwargs)
+        if strategy not in ("overall", "by_group"):
+            raise ValueError(f"strategy must be 'overall' or 'by_group', got {strategy!r}")
         self.k = k
+        self.strategy = strategy
         self.add_state("uplift", default=[], dist_reduce_fx="cat")
         self.add_state("y", default=[], dist_reduce_fx="cat")
         self.add_state("treatment", default=[], dist_reduce_fx="cat")
 
-    def update(self, uplift: Tensor, y: Tensor, treatment: Tensor) -> None:  # type: ignore[override]
-        self.uplift.append(uplift.detach().double().reshape(-1))
-        self.y.append(y.detach().double().reshape(-1))
+    def update(self, uplift: Tensor, y: Tensor, treatment: Tensor) -> None:
+        """uplift: (N,) predicted uplift; y: (N,) outcomes; treatment: (N,) int, 1 treated / 0 control."""
+        if not (uplift.numel() == y.numel() == treatment.numel()):
+            raise ValueError(
+                f"uplift, y and treatment sizes differ: {uplift.numel()}, {y.numel()}, {treatment.numel()}"
+            )
+        self.uplift.append(uplift.detach().float().reshape(-1))
+        self.y.append(y.detach().float().reshape(-1))
         self.treatment.append(treatment.detach().long().reshape(-1))
 
-    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+    def compute(self) -> dict[str, Tensor]:
         keys = ("auuc", "qini", "uplift_at_k", "auuc_raw", "qini_raw")
-        nan = {k: torch.tensor(float("nan"), dtype=torch.float64, device=self.device) for k in keys}
-        if not self.uplift:
-            return nan
-        u, y, t = dim_zero_cat(self.uplift), dim_zero_cat(self.y), dim_zero_cat(self.treatment)
-        if int(t.sum()) in (0, t.numel()):
-            return nan
-        n2 = float(t.numel()) ** 2
-        out = {
-            "auuc": auuc_score(y, u, t),
-            "qini": qini_score(y, u, t),
-            "uplift_at_k": uplift_at_k(y, u, t, self.k),
-        }
-        for name, curve in (("auuc_raw", uplift_curve(y, u, t)), ("qini_raw", qini_curve(y, u, t))):
-            x, v = curve
-            out[name] = (_area(x, v) - 0.5 * x[-1] * v[-1]) / n2
-        return out
+        nan = torch.tensor(float("nan"), device=self.device)
+        if not isinstance(self.uplift, Tensor) and len(self.uplift) == 0:
+            return dict.fromkeys(keys, nan)
+        uplift, y, treatment = dim_zero_cat(self.uplift), dim_zero_cat(self.y), dim_zero_cat(self.treatment)
+        if not (bool((treatment == 1).any()) and bool((treatment == 0).any())):
+            return dict.fromkeys(keys, nan)
+        y, uplift, treatment = _check_inputs(y, uplift, treatment)
+        n2 = float(y.numel()) ** 2
+        x, uplift_values, qini_values = _curves(y, uplift, treatment)
+        x_qini, values_qini = _perfect_qini(y, treatment, True)
+        qini, qini_raw = _normalised_area(x, qini_values, x_qini, values_qini)
+        if bool(((y == 0) | (y == 1)).all()):
+            x_perfect, values_perfect, _ = _curves(y, _perfect_uplift_scores(y, treatment), treatment)
+            auuc, auuc_raw = _normalised_area(x, uplift_values, x_perfect, values_perfect)
+        else:  # no perfect uplift curve: the raw area uses the curve's own end point
+            auuc = nan.double()
+            auuc_raw = _normalised_area(x, uplift_values, x, uplift_values)[1]
+        at_k = _uplift_at_k(y, uplift, treatment, self.k, self.strategy)
+        out = {"auuc": auuc, "qini": qini, "uplift_at_k": at_k, "auuc_raw": auuc_raw / n2, "qini_raw": qini_raw / n2}
+        return {key: value.float() for key, value in out.items()}
 
 
 class PEHE(Metric):
-    """sqrt(mean((predicted - true)²)): the precision in estimating heterogeneous effects (sum states, DDP-safe).
+    """Precision in estimating heterogeneous effects: sqrt(mean((predicted - true effect)²)). NaN if empty."""
 
-    ``update(predicted (N,), true (N,))``; NaN before any update.
-    """
-
-    full_state_update = False
+    is_differentiable = False
     higher_is_better = False
+    full_state_update = False
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.add_state("sum_sq", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_squared_error", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, predicted: Tensor, true: Tensor) -> None:  # type: ignore[override]
-        diff = predicted.detach().double().reshape(-1) - true.detach().double().reshape(-1)
-        self.sum_sq += diff.square().sum()
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """preds: (N,) predicted treatment effect; target: (N,) true effect (known in simulated data)."""
+        if preds.numel() != target.numel():
+            raise ValueError(f"preds and target sizes differ: {preds.numel()}, {target.numel()}")
+        diff = preds.detach().double().reshape(-1) - target.detach().double().reshape(-1)
+        self.sum_squared_error += (diff * diff).sum()
         self.count += diff.numel()
 
-    def compute(self) -> Tensor:  # type: ignore[override]
-        if self.count == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64, device=self.sum_sq.device)
-        return (self.sum_sq / self.count).sqrt()
+    def compute(self) -> Tensor:
+        if int(self.count) == 0:
+            return torch.tensor(float("nan"), device=self.device)
+        return (self.sum_squared_error / self.count).sqrt().float()
