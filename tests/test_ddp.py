@@ -78,3 +78,33 @@ def test_ddp_shards_training_once_and_validation_matches_one_process(tmp_path: P
     assert len(keys) == 4 * 3 + 2
     for key in keys:
         assert two[key] == pytest.approx(one[key], abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_ddp_with_both_branches_trains_and_gathers_their_metrics(tmp_path: Path) -> None:
+    """FRec + CDUM under 2-process DDP: every parameter gets a gradient (DDP would fail otherwise), and
+    the uplift metrics (AUUC, Qini, PEHE: cat/sum states) and the exposure slice equal one process."""
+    from heads import CDUM, FRec
+    from mtrank.exposure import ExposureSlice
+
+    L.seed_everything(0)
+    features = SYNTH.features()
+    features.request_candidates = 4
+    data = RankingDataModule(str(tmp_path / "data"), features=features, synth=SYNTH, batch_size=64, num_workers=0)
+    model = RankingModule(
+        SYNTH.tasks(),
+        features,
+        encoder=partial(HSTUEncoder, dim=16, num_heads=1),
+        heads=partial(MMoE),
+        fatigue=partial(FRec, recent=8),
+        uplift=partial(CDUM),
+        exposure_slice=ExposureSlice(min_count=2),
+    )
+    data.prepare_data()
+    trainer(tmp_path, 2, max_epochs=1, limit_val_batches=0).fit(model, datamodule=data)
+    two = trainer(tmp_path, 2).validate(model, datamodule=data, verbose=False)[0]
+    one = trainer(tmp_path, 1).validate(model, datamodule=data, verbose=False)[0]
+    keys = ["val/uplift/auuc", "val/uplift/qini", "val/uplift/pehe", "val/uplift/auc", "val/exposed/click/auc"]
+    keys += ["val/exposed/fraction"]
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], abs=1e-5), key
