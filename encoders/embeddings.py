@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -120,33 +121,34 @@ class FeatureEmbeddings(nn.Module):
         x = self.item(batch.item_id)  # (B, D)
         for name in self.shared_item_sparse:
             x = x + self.history_sparse[name](batch.item_sparse[name])
-        return self._add_features(
+        return add_features(
             x, self.item_sparse, batch.item_sparse, self.item_dense, batch.item_dense, self.features.item_dense
         )
 
     def user_features(self, batch: Batch) -> Tensor:
         """(B, D_u) user id embedding + static user features."""
         x = self.user(batch.user_id)  # (B, D_u)
-        return self._add_features(
+        return add_features(
             x, self.user_sparse, batch.user_sparse, self.user_dense, batch.user_dense, self.features.user_dense
         )
 
-    @staticmethod
-    def _add_features(
-        x: Tensor,
-        tables: nn.ModuleDict,
-        sparse: dict[str, Tensor],
-        projection: nn.Linear | None,
-        dense: dict[str, Tensor],
-        dense_names: list[str],
-    ) -> Tensor:
-        """``x`` (B, D) + the embedding of every sparse feature in ``tables`` + the projected dense features."""
-        for name, table in tables.items():
-            x = x + table(sparse[name])
-        if projection is not None:
-            values = torch.stack([dense[n] for n in dense_names], dim=-1)  # (B, C)
-            x = x + projection(symlog(values.float()))
-        return x
+
+def add_features(
+    x: Tensor,
+    tables: nn.ModuleDict,
+    sparse: dict[str, Tensor],
+    projection: nn.Linear | None,
+    dense: dict[str, Tensor],
+    dense_names: Sequence[str],
+) -> Tensor:
+    """``x`` (..., D) + the embedding of every sparse feature in ``tables`` (looked up in ``sparse`` by name)
+    + ``projection`` of the symlog of the ``dense_names`` columns of ``dense`` (each (...)) when given."""
+    for name, table in tables.items():
+        x = x + table(sparse[name])
+    if projection is not None:
+        values = torch.stack([dense[n] for n in dense_names], dim=-1)  # (..., C)
+        x = x + projection(symlog(values.float()))
+    return x
 
 
 def _projection(in_features: int, out_features: int) -> nn.Linear | None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from encoders.embeddings import symlog
+from encoders.embeddings import add_features
 from mtrank.batch import Batch
 from mtrank.spec import FeatureSpec
 
@@ -61,13 +61,8 @@ class ItemEmbeddings(nn.Module):
             nn.init.normal_(self.dense.weight, std=1.0 / (4 * math.sqrt(dim * len(features.item_dense))))
 
     def _embed(self, item_id: Tensor, sparse: dict[str, Tensor], dense: dict[str, Tensor] | None) -> Tensor:
-        x = self.item(item_id)
-        for name, table in self.sparse.items():
-            x = x + table(sparse[name])
-        if self.dense is not None and dense is not None:
-            values = torch.stack([dense[n] for n in self.features.item_dense], dim=-1)
-            x = x + self.dense(symlog(values.float()))
-        return x
+        projection = self.dense if dense is not None else None
+        return add_features(self.item(item_id), self.sparse, sparse, projection, dense or {}, self.features.item_dense)
 
     def candidate(self, batch: Batch) -> Tensor:
         """(B, d) the candidate item."""

@@ -54,9 +54,10 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanSquaredError
 
 from encoders.base import EncoderOutput
-from encoders.embeddings import symlog
+from encoders.embeddings import add_features
 from heads.base import Branch, BranchMetrics, BranchOutput
 from heads.context import ItemEmbeddings, recent_window
 from heads.tower import MLP, TaskTower
@@ -190,12 +191,8 @@ class CDUM(Branch):
     def _static_user(self, batch: Batch) -> Tensor:
         """(B, d) static user feature embedding (zeros when the data has none)."""
         x = torch.zeros(batch.batch_size, self.items.dim, device=batch.item_id.device)
-        for name, table in self.user_sparse.items():
-            x = x + table(batch.user_sparse[name])
-        if self.user_dense is not None:
-            values = torch.stack([batch.user_dense[n] for n in self.features.user_dense], dim=-1)
-            x = x + self.user_dense(symlog(values.float()))
-        return x
+        f = self.features
+        return add_features(x, self.user_sparse, batch.user_sparse, self.user_dense, batch.user_dense, f.user_dense)
 
     def _context(self, batch: Batch, e_c: Tensor) -> Tensor:
         """(B, 2d + 4) real-time context: candidate, recent behaviours, recency, request size, hour."""
@@ -291,7 +288,7 @@ class UpliftBranchMetrics(BranchMetrics):
         self.true_effect = branch.true_effect if len(self.arms) == 1 else None
         self.uplift = nn.ModuleList(UpliftMetrics(k=branch.k) for _ in self.arms)
         self.response = BinaryAUC() if self.task.kind == "binary" else None
-        self.sq_err = PEHE()  # RMSE of the observed response for regression tasks (same sum-of-squares state)
+        self.rmse = MeanSquaredError(squared=False) if self.response is None else None
         self.pehe = PEHE()
 
     def _arm_key(self, arm: int, key: str) -> str:
@@ -310,7 +307,7 @@ class UpliftBranchMetrics(BranchMetrics):
         if self.response is not None:
             self.response.update(observed, y)
         else:
-            self.sq_err.update(observed, y)
+            self.rmse.update(observed, y)
         if self.true_effect is not None and self.true_effect in batch.extras:
             self.pehe.update(out.outputs[f"effect_t{self.arms[0]}"], batch.extras[self.true_effect])
 
@@ -322,13 +319,11 @@ class UpliftBranchMetrics(BranchMetrics):
         if self.response is not None:
             out["auc"] = self.response.compute()
         else:
-            out["rmse"] = self.sq_err.compute()
+            out["rmse"] = self.rmse.compute()
         if self.true_effect is not None and self.pehe.update_count > 0:
             out["pehe"] = self.pehe.compute()
         return out
 
     def reset(self) -> None:
-        for metric in [*self.uplift, self.sq_err, self.pehe]:
+        for metric in [*self.uplift, self.pehe, self.response if self.response is not None else self.rmse]:
             metric.reset()
-        if self.response is not None:
-            self.response.reset()

@@ -47,7 +47,7 @@ from mtrank.spec import FeatureSpec, TaskSpec, check_tasks
 EncoderFactory = Callable[[FeatureSpec], SequenceEncoder]
 HeadsFactory = Callable[[int, Sequence[TaskSpec]], MultiTaskHead]
 BranchFactory = Callable[[int, Sequence[TaskSpec], FeatureSpec], Branch]
-BRANCHES = ("fatigue", "uplift")  # in the order they run
+BRANCHES = {"fatigue": "encoder", "uplift": "head"}  # name -> position (`Branch.position`), in the order they run
 
 
 class RankingModule(L.LightningModule):
@@ -94,7 +94,7 @@ class RankingModule(L.LightningModule):
             branch = None
             if factory is not None:
                 branch = factory(self.encoder.output_dim, self.tasks, features, user_dim=self.encoder.user_dim)
-                expected = "encoder" if name == "fatigue" else "head"
+                expected = BRANCHES[name]
                 if branch.position != expected:
                     raise ValueError(
                         f"model.{name}: {type(branch).__name__} runs at {branch.position!r}, not {expected!r}"

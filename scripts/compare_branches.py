@@ -61,9 +61,9 @@ def run_config(name: str, args: argparse.Namespace, run_dir: Path) -> Path:
     if not uplift:
         model.pop("uplift", None)
     data.update(data_dir=str(args.data_dir), batch_size=args.batch_size, num_workers=0)
-    for key in ("users", "samples_per_user", "fatigue_strength"):
-        if getattr(args, key) is not None:
-            data["synth"][key if key != "users" else "num_users"] = getattr(args, key)
+    for option, key in (("users", "num_users"), ("samples_per_user", "samples_per_user"), ("fatigue_strength",) * 2):
+        if getattr(args, option) is not None:
+            data["synth"][key] = getattr(args, option)
     base["seed_everything"] = args.seed
     loggers = [
         {

@@ -15,9 +15,13 @@ from mtrank.module import RankingModule
 from mtrank.spec import FeatureSpec, TaskSpec
 
 
-def quiet_trainer(**kwargs: Any) -> L.Trainer:
-    """A CPU `L.Trainer` without logger, checkpoints, progress bar or summary (``kwargs`` override)."""
+def quiet_trainer(devices: int = 1, **kwargs: Any) -> L.Trainer:
+    """A CPU `L.Trainer` without logger, checkpoints, progress bar or summary (``kwargs`` override);
+    ``devices > 1``: that many DDP processes (``ddp_spawn``, gloo)."""
     settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": devices,
+        "strategy": "ddp_spawn" if devices > 1 else "auto",
         "max_epochs": 2,
         "logger": False,
         "enable_checkpointing": False,

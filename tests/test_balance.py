@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from encoders import HSTUEncoder
@@ -432,17 +433,9 @@ def test_validation_statistics_summed_over_two_processes_equal_one_process(tmp_p
     last = {}
     for devices in (2, 1):
         out_dir = tmp_path / f"devices{devices}"
-        L.Trainer(
-            accelerator="cpu",
-            devices=devices,
-            strategy="ddp_spawn" if devices > 1 else "auto",
-            use_distributed_sampler=False,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[ExpertBalanceMonitor(output_dir=str(out_dir))],
-        ).validate(model, datamodule=data, verbose=False)
+        quiet_trainer(devices, callbacks=[ExpertBalanceMonitor(output_dir=str(out_dir))]).validate(
+            model, datamodule=data, verbose=False
+        )
         last[devices] = json.loads((out_dir / "expert_balance.json").read_text())["last_val"]
     assert last[1]["gates"]["click"]["samples"] == len(data.dataset("val"))
     assert_same_stats(last[2], last[1])

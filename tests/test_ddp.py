@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+from helpers import quiet_trainer
 
 from encoders import HSTUEncoder
 from heads import MMoE
@@ -44,18 +45,7 @@ def build(tmp_path: Path) -> tuple[RankingModule, RankingDataModule]:
 
 
 def trainer(tmp_path: Path, devices: int, **kwargs: object) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        **kwargs,
-    )
+    return quiet_trainer(devices, default_root_dir=str(tmp_path), **kwargs)
 
 
 @pytest.mark.slow
