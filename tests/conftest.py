@@ -1,8 +1,19 @@
-"""Shared fixtures: one small synthetic data set (written once per test session)."""
+"""Shared fixtures: one small synthetic data set (written once per test session).
+
+Without CUDA, Triton kernels run under Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set here,
+before any kernel module is imported (Triton reads it when a kernel is defined). The encoders' ``auto``
+kernel setting still picks the PyTorch reference on the CPU, so only the kernel tests pay for it.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
@@ -27,8 +38,6 @@ def small_synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynthConfig, 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked ``gpu`` on a machine without CUDA."""
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
