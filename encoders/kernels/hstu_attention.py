@@ -198,6 +198,18 @@ if triton is not None:
             return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
+    def _sigmoid(x, FAST: tl.constexpr):
+        """``sigmoid(x) = (1 + tanh(x / 2)) / 2``; ``FAST``: with the one-instruction ``tanh.approx.f32``
+        (max abs error ~5e-4, far below the bf16 rounding of what it feeds), else the exact function."""
+        if FAST:
+            t = tl.inline_asm_elementwise(
+                "tanh.approx.f32 $0, $1;", "=r,r", [x * 0.5], dtype=tl.float32, is_pure=True, pack=1
+            )
+            return 0.5 * t + 0.5
+        else:
+            return tl.sigmoid(x)
+
+    @triton.jit
     def _mask(
         qi, kj, pq, pk, length, hist, local_window, global_prefix, HAS_TARGETS: tl.constexpr, HAS_WINDOW: tl.constexpr
     ):
@@ -365,6 +377,7 @@ if triton is not None:
         HAS_WINDOW: tl.constexpr,
         COUNT_KEYS: tl.constexpr,
         PRECISION: tl.constexpr,
+        FAST: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -402,7 +415,7 @@ if triton is not None:
                 HAS_TIME_BIAS,
             )
             s += bias
-        p = s * tl.sigmoid(s)
+        p = s * _sigmoid(s, FAST)
         full = _tile_is_full(
             start_m, start_n, pos_m, pos_n, hist, local_window, global_prefix, BLOCK_M, BLOCK_N, HAS_WINDOW
         )
@@ -478,6 +491,7 @@ if triton is not None:
         HAS_WINDOW: tl.constexpr,
         COUNT_KEYS: tl.constexpr,
         PRECISION: tl.constexpr,
+        FAST: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -547,6 +561,7 @@ if triton is not None:
                 HAS_WINDOW,
                 COUNT_KEYS,
                 PRECISION,
+                FAST,
                 BLOCK_M,
                 BLOCK_N,
             )
@@ -591,6 +606,7 @@ if triton is not None:
                 HAS_WINDOW,
                 COUNT_KEYS,
                 PRECISION,
+                FAST,
                 BLOCK_M,
                 BLOCK_N,
             )
@@ -608,14 +624,11 @@ if triton is not None:
         )
 
     @triton.jit
-    def _bucket_grad(DW, buckets, ds, keep, h, H, IS_FULL: tl.constexpr):
-        """Add the tile's ``ds`` summed per bucket into ``DW[bucket, h]`` (one atomic per bucket present)."""
-        if IS_FULL:
-            b_lo = tl.min(buckets)
-            b_hi = tl.max(buckets)
-        else:
-            b_lo = tl.min(tl.where(keep, buckets, 2147483647))
-            b_hi = tl.max(tl.where(keep, buckets, -1))
+    def _bucket_grad(DW, buckets, ds, h, H):
+        """Add the tile's ``ds`` summed per bucket into ``DW[bucket, h]``, one atomic per bucket present
+        (``buckets`` is -1 outside the mask)."""
+        b_lo = tl.min(tl.where(buckets >= 0, buckets, 2147483647))
+        b_hi = tl.max(buckets)
         for bucket in range(b_lo, b_hi + 1):
             tl.atomic_add(DW + bucket * H + h, tl.sum(tl.where(buckets == bucket, ds, 0.0)))
 
@@ -665,6 +678,7 @@ if triton is not None:
         HAS_WINDOW: tl.constexpr,
         COUNT_KEYS: tl.constexpr,
         PRECISION: tl.constexpr,
+        FAST: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -708,40 +722,38 @@ if triton is not None:
                 HAS_TIME_BIAS,
             )
             st += bias
-        sig = tl.sigmoid(st)
+        sig = _sigmoid(st, FAST)
         pt = st * sig * scale[None, :]
         dpt = _dot(v, tl.trans(do), PRECISION)  # (BN, BM)
         dst = dpt * sig * (1.0 + st * (1.0 - sig)) * scale[None, :]
         full = _tile_is_full(
             start_m, start_n, pos_m, pos_n, hist, local_window, global_prefix, BLOCK_M, BLOCK_N, HAS_WINDOW
         )
-        keep = _mask(
-            offs_m[None, :],
-            offs_n[:, None],
-            pos_m[None, :],
-            pos_n[:, None],
-            length,
-            hist,
-            local_window,
-            global_prefix,
-            HAS_TARGETS,
-            HAS_WINDOW,
-        )
         if not full:
+            keep = _mask(
+                offs_m[None, :],
+                offs_n[:, None],
+                pos_m[None, :],
+                pos_n[:, None],
+                length,
+                hist,
+                local_window,
+                global_prefix,
+                HAS_TARGETS,
+                HAS_WINDOW,
+            )
             pt = tl.where(keep, pt, 0.0)
             dst = tl.where(keep, dst, 0.0)
+            if HAS_POS_BIAS:
+                pb = tl.where(keep, pb, -1)
+            if HAS_TIME_BIAS:
+                tb = tl.where(keep, tb, -1)
         dv += _dot(pt.to(do.dtype), do, PRECISION)
         dk += _dot(dst.to(qt.dtype), tl.trans(qt), PRECISION)
         if HAS_POS_BIAS:
-            if full:
-                _bucket_grad(DPosW, pb, dst, keep, h, H, True)
-            else:
-                _bucket_grad(DPosW, pb, dst, keep, h, H, False)
+            _bucket_grad(DPosW, pb, dst, h, H)
         if HAS_TIME_BIAS:
-            if full:
-                _bucket_grad(DTimeW, tb, dst, keep, h, H, True)
-            else:
-                _bucket_grad(DTimeW, tb, dst, keep, h, H, False)
+            _bucket_grad(DTimeW, tb, dst, h, H)
         return dk, dv
 
     @triton.autotune(configs=_configs("dkdv"), key=_KEY, reset_to_zero=["DPosW", "DTimeW"])
@@ -804,6 +816,7 @@ if triton is not None:
         HAS_WINDOW: tl.constexpr,
         COUNT_KEYS: tl.constexpr,
         PRECISION: tl.constexpr,
+        FAST: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -894,6 +907,7 @@ if triton is not None:
                 HAS_WINDOW,
                 COUNT_KEYS,
                 PRECISION,
+                FAST,
                 BLOCK_M,
                 BLOCK_N,
             )
@@ -943,6 +957,7 @@ if triton is not None:
                 HAS_WINDOW,
                 COUNT_KEYS,
                 PRECISION,
+                FAST,
                 BLOCK_M,
                 BLOCK_N,
             )
@@ -1001,6 +1016,7 @@ if triton is not None:
         HAS_TIME_BIAS: tl.constexpr,
         HAS_WINDOW: tl.constexpr,
         PRECISION: tl.constexpr,
+        FAST: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -1038,7 +1054,7 @@ if triton is not None:
                 HAS_TIME_BIAS,
             )
             s += bias
-        sig = tl.sigmoid(s)
+        sig = _sigmoid(s, FAST)
         dp = _dot(do, vt, PRECISION)  # (BM, BN)
         ds = dp * sig * (1.0 + s * (1.0 - sig)) * scale[:, None]
         full = _tile_is_full(
@@ -1115,6 +1131,7 @@ if triton is not None:
         HAS_WINDOW: tl.constexpr,
         COUNT_KEYS: tl.constexpr,
         PRECISION: tl.constexpr,
+        FAST: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -1194,6 +1211,7 @@ if triton is not None:
                 HAS_TIME_BIAS,
                 HAS_WINDOW,
                 PRECISION,
+                FAST,
                 BLOCK_M,
                 BLOCK_N,
             )
@@ -1238,6 +1256,7 @@ if triton is not None:
                 HAS_TIME_BIAS,
                 HAS_WINDOW,
                 PRECISION,
+                FAST,
                 BLOCK_M,
                 BLOCK_N,
             )
@@ -1326,6 +1345,7 @@ class _HSTUAttention(torch.autograd.Function):
             HAS_WINDOW=local_window > 0,
             COUNT_KEYS=n is None,
             PRECISION=_precision(q.dtype),
+            FAST=q.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
         )
 
         def grid(meta: dict[str, Any]) -> tuple[int, int]:
