@@ -11,18 +11,21 @@ of a user's preferences that a softmax would normalise away. ``rab^{p,t}`` is a 
 attention bias on the bucketed position distance and the bucketed ``log Δt`` between query and key.
 
 Target-aware ranking: the candidate item is one more token after the history. Histories in a
-`Batch` are left-aligned (valid at ``[0, history_len[b])``); the candidate is *stored* at index ``L``
-(so every row has the same shape) but *placed*, for masking and for both position signals, at
-the logical position ``history_len[b]`` right after the row's newest behaviour. One causal rule on
-logical positions then gives the whole mask:
+`Batch` are left-aligned (valid at ``[0, history_len[b])``); the candidate is placed at index
+``history_len[b]``, right after the row's newest behaviour, so each row holds ``history_len + 1``
+valid tokens followed by padding. One causal rule on the index then gives the whole mask:
 
-    query i may attend key j  <=>  both are valid tokens and position(j) <= position(i)
+    query i may attend key j  <=>  both are valid tokens and j <= i
 
 so history token ``i`` attends to behaviours ``0..i`` only (causal; never to the candidate, whose
-position is ``history_len > i``), the candidate attends to the whole valid history and to itself
+index is ``history_len > i``), the candidate attends to the whole valid history and to itself
 (a row with an empty history: to itself only), and padded queries attend to nothing and are zeroed.
 The history states are therefore independent of the candidate, which is what lets a serving system
 cache the user prefix and score many candidates against it.
+
+The attention runs either as the dense reference `hstu_attention` or as the fused Triton kernel
+`encoders.kernels.hstu_attention.hstu_mha` (``kernel``: ``auto`` picks the kernel on CUDA), which
+computes the same mask and relative bias inside the kernel and never stores the N×N matrix.
 
 Choices where the paper is open (all documented on `HSTUEncoder`'s arguments):
 
@@ -53,8 +56,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,17 +108,35 @@ def hstu_attention(
     return torch.matmul(attn.to(v.dtype), v)  # (B, H, N, d_v)
 
 
-HSTU_ATTENTION_KERNELS: dict[str, Callable[..., Tensor]] = {"reference": hstu_attention}
+HSTU_ATTENTION_KERNELS = ("auto", "reference", "triton")
 
 
-def hstu_attention_kernel(kernel: str) -> Callable[..., Tensor]:
-    """The implementation of `hstu_attention` named ``kernel`` (the one dispatch point); ValueError if unknown."""
-    try:
-        return HSTU_ATTENTION_KERNELS[kernel]
-    except KeyError:
-        raise ValueError(
-            f"unknown HSTU attention kernel {kernel!r}; available: {sorted(HSTU_ATTENTION_KERNELS)}"
-        ) from None
+def hstu_attention_kernel(kernel: str) -> str:
+    """Check the ``kernel`` setting (the one dispatch point of HSTU attention); ValueError if unknown.
+
+    ``reference``: `hstu_attention`, dense PyTorch (any device). ``triton``: the fused kernel
+    `encoders.kernels.hstu_attention.hstu_mha` (CUDA; on the CPU only under ``TRITON_INTERPRET=1``).
+    ``auto``: ``triton`` on CUDA when Triton is installed, else ``reference`` (the CPU, the interpreter).
+    """
+    if kernel not in HSTU_ATTENTION_KERNELS:
+        raise ValueError(f"unknown HSTU attention kernel {kernel!r}; available: {list(HSTU_ATTENTION_KERNELS)}")
+    return kernel
+
+
+def resolve_kernel(kernel: str, device: torch.device, owner: str = "HSTU") -> str:
+    """The implementation that runs for the setting ``kernel`` on ``device``: ``reference`` or ``triton``."""
+    from encoders.kernels.hstu_attention import interpreting, triton_available
+
+    if kernel == "reference":
+        return "reference"
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and triton_available(device) and not interpreting() else "reference"
+    if not triton_available(device):
+        raise RuntimeError(
+            f"{owner}: kernel='triton' cannot run on {device.type}: it needs CUDA and Triton "
+            "(or TRITON_INTERPRET=1 on the CPU); set kernel: auto to fall back to the reference there"
+        )
+    return "triton"
 
 
 # ------------------------------------------------------------------------------------------ rab^{p,t}
@@ -213,6 +233,23 @@ class RelativeAttentionBias(nn.Module):
 # ------------------------------------------------------------------------------------------ layer
 
 
+class AttentionInputs(NamedTuple):
+    """What every layer's attention needs besides q, k, v, built once per forward by the encoder.
+
+    ``kernel`` is ``reference`` (then ``mask`` and the bucket tensors are set) or ``triton`` (then
+    ``lengths``, ``ts`` and ``max_distance`` are: the kernel computes mask and buckets itself).
+    """
+
+    kernel: str
+    n: float | None
+    lengths: Tensor | None = None  # (B,) valid tokens
+    ts: Tensor | None = None  # (B, N) event times
+    max_distance: int = 0
+    mask: Tensor | None = None  # (B, N, N) bool
+    position_bucket: Tensor | None = None  # (B, N, N)
+    time_bucket: Tensor | None = None  # (B, N, N)
+
+
 class HSTULayer(nn.Module):
     """One HSTU layer (eqs. 1-3; the paper's code calls it a sequential transduction unit).
 
@@ -223,7 +260,7 @@ class HSTULayer(nn.Module):
         linear_dim: d_v, the per-head width of U and V.
         dropout: dropout on ``Norm(AV) ⊙ U`` before ``f2``.
         num_position_buckets, num_time_buckets: sizes of this layer's ``rab^{p,t}`` tables (0: off).
-        kernel: the `hstu_attention` implementation (see `HSTU_ATTENTION_KERNELS`).
+    The attention implementation is chosen per forward by the encoder (`AttentionInputs.kernel`).
     """
 
     def __init__(
@@ -235,11 +272,9 @@ class HSTULayer(nn.Module):
         dropout: float = 0.0,
         num_position_buckets: int = 32,
         num_time_buckets: int = 128,
-        kernel: str = "reference",
     ) -> None:
         super().__init__()
         self.num_heads, self.attention_dim, self.linear_dim = num_heads, attention_dim, linear_dim
-        self.attention = hstu_attention_kernel(kernel)
         self.norm_x = nn.LayerNorm(dim)
         self.f1 = nn.Linear(dim, num_heads * (2 * linear_dim + 2 * attention_dim))  # -> U, V, Q, K
         self.rab = RelativeAttentionBias(num_heads, num_position_buckets, num_time_buckets)
@@ -247,26 +282,37 @@ class HSTULayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.f2 = nn.Linear(num_heads * linear_dim, dim)
 
-    def forward(
-        self,
-        x: Tensor,
-        valid: Tensor,
-        mask: Tensor,
-        position_bucket: Tensor | None,
-        time_bucket: Tensor | None,
-        n: float | None,
-    ) -> Tensor:
-        """(B, N, D) tokens -> (B, N, D) tokens, 0 where ``valid`` (B, N) is False; ``mask`` (B, N, N)."""
+    def forward(self, x: Tensor, valid: Tensor, inputs: AttentionInputs) -> Tensor:
+        """(B, N, D) tokens -> (B, N, D) tokens, 0 where ``valid`` (B, N) is False."""
         B, N, _ = x.shape
         H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
         uvqk = F.silu(self.f1(self.norm_x(x)))  # (B, N, H * (2 dv + 2 dqk))
         u, v, q, k = uvqk.split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
-        q = q.view(B, N, H, dqk).transpose(1, 2)  # (B, H, N, dqk)
-        k = k.view(B, N, H, dqk).transpose(1, 2)  # (B, H, N, dqk)
-        v = v.view(B, N, H, dv).transpose(1, 2)  # (B, H, N, dv)
-        bias = self.rab(position_bucket, time_bucket)  # (B, H, N, N) or None
-        av = self.attention(q, k, v, bias, mask, alpha=1.0 / math.sqrt(dqk), n=n)  # (B, H, N, dv)
-        av = av.transpose(1, 2).reshape(B, N, H * dv)  # (B, N, H dv)
+        q, k, v = q.view(B, N, H, dqk), k.view(B, N, H, dqk), v.view(B, N, H, dv)  # views, no copy
+        alpha = 1.0 / math.sqrt(dqk)
+        if inputs.kernel == "triton":
+            from encoders.kernels.hstu_attention import hstu_mha
+
+            position, time = self.rab.position, self.rab.time
+            av = hstu_mha(
+                q,
+                k,
+                v,
+                inputs.lengths,
+                alpha=alpha,
+                n=inputs.n,
+                ts=inputs.ts if time is not None else None,
+                position_weight=position.weight if position is not None else None,
+                time_weight=time.weight if time is not None else None,
+                max_distance=inputs.max_distance,
+            )  # (B, N, H, dv)
+        else:
+            bias = self.rab(inputs.position_bucket, inputs.time_bucket)  # (B, H, N, N) or None
+            av = hstu_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, inputs.mask, alpha, inputs.n
+            )
+            av = av.transpose(1, 2)  # (B, N, H, dv)
+        av = av.reshape(B, N, H * dv)
         y = self.f2(self.dropout(self.norm_av(av) * u)) + x  # (B, N, D)
         return y * valid.unsqueeze(-1).to(y.dtype)
 
@@ -290,7 +336,8 @@ class HSTUEncoder(SequenceEncoder):
         num_time_buckets: relative time bias buckets on ``log Δt`` (0: no time bias).
         attention_norm: ``n`` of the attention: ``num_keys`` (keys each query attends to) or
             ``max_len`` (the constant ``features.max_len + 1``, the paper's code).
-        kernel: the attention implementation (only ``reference`` for now).
+        kernel: the attention implementation: ``auto`` (the fused Triton kernel on CUDA, the reference
+            elsewhere), ``reference`` (dense PyTorch) or ``triton`` (see `hstu_attention_kernel`).
         activation_checkpointing: recompute each layer's activations in the backward pass
             (``torch.utils.checkpoint``, non-reentrant) to trade compute for memory.
         output_dim: width of ``EncoderOutput.target``.
@@ -314,7 +361,7 @@ class HSTUEncoder(SequenceEncoder):
         num_position_buckets: int = 32,
         num_time_buckets: int = 128,
         attention_norm: AttentionNorm = "num_keys",
-        kernel: str = "reference",
+        kernel: str = "auto",
         activation_checkpointing: bool = False,
         output_dim: int = 64,
         user_dim: int | None = None,
@@ -351,12 +398,34 @@ class HSTUEncoder(SequenceEncoder):
                 dropout=dropout,
                 num_position_buckets=num_position_buckets,
                 num_time_buckets=num_time_buckets,
-                kernel=kernel,
             )
             for _ in range(num_layers)
         )
         self.norm_out = nn.LayerNorm(dim)
         self.target_mlp = TargetMLP(dim, self.embeddings.user_dim, output_dim, dropout)
+
+    def attention_inputs(self, lengths: Tensor, ts: Tensor, valid: Tensor) -> AttentionInputs:
+        """The layers' `AttentionInputs` for tokens ``[history | candidate | padding]``: causal on the index.
+
+        Args:
+            lengths: (B,) valid tokens per row (history + 1).
+            ts: (B, N) event times (the candidate's: the request time).
+            valid: (B, N) bool, ``index < lengths``.
+        """
+        n = float(self.max_len + 1) if self.attention_norm == "max_len" else None
+        kernel = resolve_kernel(self.kernel, ts.device, "HSTUEncoder")
+        if kernel == "triton":
+            return AttentionInputs(kernel, n, lengths=lengths, ts=ts, max_distance=self.max_len)
+        N = ts.shape[1]
+        index = torch.arange(N, device=ts.device)
+        mask = valid.unsqueeze(2) & valid.unsqueeze(1) & (index[None, :] <= index[:, None]).unsqueeze(0)  # (B, N, N)
+        position_bucket = time_bucket = None
+        if self.num_position_buckets:
+            distance = (index[:, None] - index[None, :]).expand(ts.shape[0], N, N)  # (B, N, N)
+            position_bucket = bucket_position_distance(distance, self.num_position_buckets, self.max_len)
+        if self.num_time_buckets:
+            time_bucket = bucket_time_delta(ts.unsqueeze(2) - ts.unsqueeze(1), self.num_time_buckets)  # (B, N, N)
+        return AttentionInputs(kernel, n, mask=mask, position_bucket=position_bucket, time_bucket=time_bucket)
 
     def forward(self, batch: Batch) -> EncoderOutput:
         """`Batch` -> `EncoderOutput` (see the class docstring for the shapes)."""
@@ -367,38 +436,33 @@ class HSTUEncoder(SequenceEncoder):
         history_mask = batch.history_mask()  # (B, L)
 
         e_c = self.embeddings.candidate_tokens(batch)  # (B, D)
-        # N = L + 1 tokens: the history, then the candidate
-        x = torch.cat([self.embeddings.history_tokens(batch), e_c.unsqueeze(1)], dim=1)  # (B, N, D)
-        valid = torch.cat([history_mask, history_mask.new_ones(B, 1)], dim=1)  # (B, N)
-        # logical positions: history i at i, the candidate (stored at index L) right after the newest behaviour
-        index = torch.arange(L, device=x.device).expand(B, L)
-        position = torch.cat([index, history_len.unsqueeze(1)], dim=1)  # (B, N)
+        # N = L + 1 tokens: the history, the candidate right after the newest behaviour (index history_len), padding
+        N = L + 1
+        index = torch.arange(N, device=e_c.device).expand(B, N)
+        is_candidate = index == history_len.unsqueeze(1)  # (B, N)
+        valid = index <= history_len.unsqueeze(1)  # (B, N)
+        history = torch.cat([self.embeddings.history_tokens(batch), e_c.new_zeros(B, 1, e_c.shape[-1])], dim=1)
+        x = torch.where(is_candidate.unsqueeze(-1), e_c.unsqueeze(1).to(history.dtype), history)  # (B, N, D)
         if self.position is not None:
-            to_candidate = (history_len.unsqueeze(1) - position).clamp(0, self.max_len)  # (B, N): candidate 0, newest 1
+            to_candidate = (history_len.unsqueeze(1) - index).clamp(0, self.max_len)  # (B, N): candidate 0, newest 1
             x = x + self.position(to_candidate) * valid.unsqueeze(-1).to(x.dtype)
         x = self.dropout(x)
-
-        # target-aware causal mask on logical positions (query i, key j)
-        mask = valid.unsqueeze(2) & valid.unsqueeze(1) & (position.unsqueeze(1) <= position.unsqueeze(2))  # (B, N, N)
-        position_bucket = time_bucket = None
-        if self.num_position_buckets:
-            distance = position.unsqueeze(2) - position.unsqueeze(1)  # (B, N, N)
-            position_bucket = bucket_position_distance(distance, self.num_position_buckets, self.max_len)
-        if self.num_time_buckets:
-            ts = torch.cat([batch.history_ts.long(), batch.ts.long().unsqueeze(1)], dim=1)  # (B, N)
-            time_bucket = bucket_time_delta(ts.unsqueeze(2) - ts.unsqueeze(1), self.num_time_buckets)  # (B, N, N)
-        n = float(self.max_len + 1) if self.attention_norm == "max_len" else None
+        ts = torch.cat([batch.history_ts.long(), batch.ts.long().unsqueeze(1)], dim=1)  # (B, N)
+        ts = torch.where(is_candidate, batch.ts.long().unsqueeze(1), ts)
+        inputs = self.attention_inputs(history_len + 1, ts, valid)
 
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, valid, mask, position_bucket, time_bucket, n, use_reentrant=False)
+                x = checkpoint(layer, x, valid, inputs, use_reentrant=False)
             else:
-                x = layer(x, valid, mask, position_bucket, time_bucket, n)
+                x = layer(x, valid, inputs)
 
         h = self.norm_out(x) * valid.unsqueeze(-1).to(x.dtype)  # (B, N, D)
-        sequence, h_c = h[:, :L], h[:, L]  # (B, L, D), (B, D)
+        rows = torch.arange(B, device=h.device)
+        sequence = h[:, :L] * history_mask.unsqueeze(-1).to(h.dtype)  # (B, L, D): the candidate's slot zeroed
+        h_c = h[rows, history_len]  # (B, D)
         newest = (history_len - 1).clamp(min=0)  # (B,)
-        user = h[torch.arange(B, device=h.device), newest] * (history_len > 0).unsqueeze(-1).to(h.dtype)  # (B, D)
+        user = h[rows, newest] * (history_len > 0).unsqueeze(-1).to(h.dtype)  # (B, D)
         u = self.embeddings.user_features(batch)  # (B, D_u)
         target = self.target_mlp(h_c, e_c, u)  # (B, output_dim)
         return EncoderOutput(target=target, user=user, sequence=sequence, mask=history_mask)

@@ -28,9 +28,9 @@ Pipeline, on a `Batch` with ``B`` rows and a left-aligned history of padded widt
    recent ``k = num_recent_queries`` merged tokens (per row: merged positions
    ``max(0, m_b - k) .. m_b - 1``, gathered, masked where ``m_b < k``) and whose keys/values are the
    global tokens plus the *whole* merged sequence; layers 2.. are self-attention among those
-   ``G + k`` queries only. Every layer is a standard pre-LN transformer block: softmax
-   `scaled_dot_product_attention` with a boolean mask, residual, GELU MLP, residual. Layer 1's
-   projections start as the identity (see "Choices").
+   ``G + k`` queries only. Every layer is a standard pre-LN transformer block: masked softmax attention
+   (`longer_attention`, see "Attention kernels"), residual, GELU MLP, residual. Layer 1's projections
+   start as the identity (see "Choices").
 5. **Output**: a final LayerNorm; ``target`` = MLP over ``[h_c, e_c, u, h_c ⊙ e_c]`` as in
    `HSTUEncoder` (the candidate global token's final state, the candidate embedding, the user
    features, the product); ``user`` = the user global token's final state.
@@ -85,6 +85,27 @@ states, their mask and layer 1's keys/values of the whole merged sequence, the O
 MLP, all O(G + k)); `forward` is exactly the two in turn. To score C candidates of one user, repeat
 the cache's rows C times (``expand`` is free) instead of re-encoding the sequence.
 
+**Attention kernels** (``kernel``, one setting for every block, main and inner; `LONGER_ATTENTION_KERNELS`):
+every mask is a `LongerMask`, the rule above as per-token tensors (key validity, key and query
+positions: global keys at -1, global queries after every sequence position, the candidate an invalid
+key), from which each kernel takes what it needs:
+
+- ``"reference"``: ``softmax(QKᵀ/sqrt(d), masked keys -inf) V`` spelled out in float32 (autocast off,
+  result cast back); a query with no allowed key gets 0 (none occurs here: the user token is always a
+  key and an all-padding merge group attends its own zero slots).
+- ``"sdpa"``: `F.scaled_dot_product_attention` with the dense (B, Q, N) mask, cuDNN's backend excluded
+  on CUDA (it fails on these masks in bf16); fully masked rows give 0 on CPU too (torch 2.13). No layer
+  can drop its mask exactly: the candidate's key column is masked in every main layer and the
+  sequence queries are causal with the globals in front (not ``is_causal``'s pattern); the inner
+  transformer needs its key-padding mask for the newest, partial group of each row.
+- ``"flex"``: FlexAttention (`torch.compile`-d once per process on CUDA; eager, forward only, on CPU)
+  with a `BlockMask` from the same rule: main layers' ``mask_mod`` reads key validity and positions
+  (blocks of padding keys are skipped); the InnerTransformer runs each row's ``M`` groups as one
+  block-diagonal sequence of ``M·K`` tokens (a free view of the per-group layout) with a block mask
+  computed from the group size, not from a dense mask. Rows with no allowed key give 0.
+- ``"auto"`` (default): per call, from the tensors' device, `AUTO_KERNEL` (``"sdpa"`` on CUDA and CPU
+  until measured on the GPU).
+
 bf16: everything runs under ``torch.autocast``; ``activation_checkpointing`` recomputes every block
 (inner and main) in the backward pass (``torch.utils.checkpoint``, non-reentrant).
 
@@ -98,6 +119,8 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -112,16 +135,275 @@ from encoders.hstu import bucket_time_delta
 from mtrank.batch import Batch
 from mtrank.spec import FeatureSpec
 
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # torch < 2.5: kernel="flex" is refused with a clear error
+    BlockMask = create_block_mask = flex_attention = None
+
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+# ------------------------------------------------------------------------------------------ attention kernels
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Softmax attention with a boolean mask; on CUDA without cuDNN's kernel, which fails on these masks
-    in bf16 (torch 2.11, H100: ``mha_graph.execute`` is not good)."""
+LONGER_ATTENTION_KERNELS = ("auto", "reference", "sdpa", "flex")
+AUTO_KERNEL = {"cuda": "sdpa", "cpu": "sdpa"}  # what "auto" runs, by device type (others: "sdpa"); to be measured
+FLEX_BLOCK_SIZE = 128  # FlexAttention's sparse block (its default): the unit of the grouped layout's block mask
+
+_compiled_flex: dict[str, Callable[..., Tensor]] = {}  # torch.compile-d `_FLEX_CALLS`, built on first use
+
+
+class LongerMask:
+    """Which keys each query may attend, as a rule on per-token tensors that every kernel can use.
+
+    Query ``q`` of attention row ``b`` may attend key ``j`` iff
+
+        key_valid[b, j]  and  key_pos[b, j] <= query_pos[b, q]        (positions None: key_valid alone)
+
+    LONGER's main layers give global keys position -1 (every query sees them), global queries position
+    ``M`` (they see every valid key) and sequence tokens their merged position (causal among themselves);
+    the candidate is an invalid key. The InnerTransformer has no positions: its rows are the merge groups,
+    ``groups`` consecutive rows per sample, each attending its own valid slots.
+
+    `dense` is the (B, Q, N) boolean mask (for "reference" and "sdpa"), `block_mask` FlexAttention's
+    `BlockMask` of the same rule; both are built once per mask and shared by the layers that use it.
+
+    Args:
+        key_valid: (B, N) bool.
+        key_pos: (B, N) int positions of the keys, or None (then ``query_pos`` is None too).
+        query_pos: (B, Q) int positions of the queries, or None.
+        groups: with ``key_pos`` None and Q = N: the B rows are ``B / groups`` samples of ``groups``
+            independent rows each, which a kernel may lay side by side as one block-diagonal sequence of
+            length ``groups · N`` per sample (what "flex" does); None: no such structure.
+    """
+
+    def __init__(
+        self,
+        key_valid: Tensor,
+        key_pos: Tensor | None = None,
+        query_pos: Tensor | None = None,
+        groups: int | None = None,
+    ) -> None:
+        if (key_pos is None) != (query_pos is None):
+            raise ValueError("LongerMask: key_pos and query_pos are both given or both None")
+        if groups is not None and (key_pos is not None or groups < 1 or key_valid.shape[0] % groups):
+            raise ValueError(f"LongerMask: groups={groups} needs no positions and divide the {key_valid.shape[0]} rows")
+        self.key_valid, self.key_pos, self.query_pos, self.groups = key_valid, key_pos, query_pos, groups
+        self._dense: dict[int, Tensor] = {}
+        self._block_masks: dict[tuple[int, int, int], BlockMask] = {}
+
+    def dense(self, num_queries: int) -> Tensor:
+        """(B, Q, N) bool mask, ``Q = num_queries`` (an expanded view when there are no positions)."""
+        if num_queries not in self._dense:
+            B, N = self.key_valid.shape
+            if self.query_pos is None:
+                mask = self.key_valid.unsqueeze(1).expand(B, num_queries, N)
+            else:
+                if self.query_pos.shape[1] != num_queries:
+                    raise ValueError(f"LongerMask: {self.query_pos.shape[1]} query positions, {num_queries} queries")
+                mask = self.key_valid.unsqueeze(1) & (self.key_pos.unsqueeze(1) <= self.query_pos.unsqueeze(2))
+            self._dense[num_queries] = mask
+        return self._dense[num_queries]
+
+    def block_mask(self, batch: int, num_queries: int, num_keys: int) -> BlockMask:
+        """FlexAttention `BlockMask` of the rule for FlexAttention inputs of batch ``batch`` with ``num_queries``
+        queries and ``num_keys`` keys (grouped: ``B / groups`` samples of ``groups · N`` tokens)."""
+        key = (batch, num_queries, num_keys)
+        if key not in self._block_masks:
+            key_valid, key_pos, query_pos = self.key_valid, self.key_pos, self.query_pos
+            if self.groups is not None:
+                group = key_valid.shape[1]
+                self._block_masks[key] = _grouped_block_mask(key_valid.reshape(batch, num_keys), group)
+            else:
+                if key_pos is None:
+
+                    def mask_mod(b: Tensor, h: Tensor, q: Tensor, j: Tensor) -> Tensor:
+                        return key_valid[b, j]
+
+                else:
+
+                    def mask_mod(b: Tensor, h: Tensor, q: Tensor, j: Tensor) -> Tensor:
+                        return key_valid[b, j] & (key_pos[b, j] <= query_pos[b, q])
+
+                self._block_masks[key] = create_block_mask(
+                    mask_mod, batch, None, num_queries, num_keys, device=key_valid.device
+                )
+        return self._block_masks[key]
+
+
+def _grouped_block_mask(key_valid: Tensor, group: int) -> BlockMask:
+    """`BlockMask` of block-diagonal attention: (S, T) valid keys, ``T = groups · group``; position ``q`` may
+    attend ``j`` iff both are in the same group of ``group`` consecutive positions and ``key_valid[s, j]``.
+
+    The block structure does not depend on the sample (one, broadcast over S) and is computed, not evaluated
+    from a dense (S, T, T) mask: query block ``i`` spans groups ``g0 .. g1``, whose keys lie in the key blocks
+    ``g0·K // 128 .. (min((g1 + 1)·K, T) - 1) // 128``; every block listed is partial (``mask_mod`` applies).
+    """
+    T = key_valid.shape[1]
+    size, device = FLEX_BLOCK_SIZE, key_valid.device
+    first_q = torch.arange(0, T, size, device=device)  # (nb,) first position of each query block
+    last_q = (first_q + size).clamp(max=T) - 1
+    first = first_q // group * group // size  # (nb,) first and last key block of its groups
+    last = (((last_q // group + 1) * group).clamp(max=T) - 1) // size
+    kv_num_blocks = (last - first + 1).to(torch.int32)  # (nb,)
+    # (nb, nb): the key blocks in ascending order, entries past kv_num_blocks unread
+    kv_indices = torch.minimum(first.unsqueeze(1) + torch.arange(len(first_q), device=device), last.unsqueeze(1))
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, j: Tensor) -> Tensor:
+        return (q // group == j // group) & key_valid[b, j]
+
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks[None, None],
+        kv_indices.to(torch.int32)[None, None],
+        BLOCK_SIZE=size,
+        mask_mod=mask_mod,
+        seq_lengths=(T, T),
+    )
+
+
+def _reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """``softmax(QKᵀ/sqrt(d), masked) V`` spelled out, in float32 at least (autocast off), returned in q's
+    dtype; rows with no allowed key give 0."""
+    dtype = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Q, N)
+        if mask is not None:
+            allowed = mask.unsqueeze(1)  # (B, 1, Q, N)
+            any_key = allowed.any(dim=-1, keepdim=True)  # (B, 1, Q, 1)
+            # -inf on masked keys; a row with none allowed gets finite scores (no NaN, no NaN gradient) and weight 0
+            scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~any_key, 0.0)
+            weights = scores.softmax(dim=-1).masked_fill(~any_key, 0.0)
+        else:
+            weights = scores.softmax(dim=-1)
+        return (weights @ v.to(dtype)).to(q.dtype)
+
+
+def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """`F.scaled_dot_product_attention`; on CUDA without cuDNN's kernel, which fails on these masks in bf16
+    (torch 2.11, H100: ``mha_graph.execute`` is not good). Without a mask FlashAttention can be chosen."""
+    attn_mask = None if mask is None else mask.unsqueeze(1)
     if q.is_cuda:
         with sdpa_kernel(_CUDA_SDPA_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+# One call site (code object) per kind of mask: torch.compile keeps its compiled variants per code object,
+# at most `torch._dynamo.config.recompile_limit` (8) each, and every mask_mod, dtype, grad mode and the
+# switch to dynamic shapes is a variant; one shared call site ran out of them in a mixed fp32/bf16 session.
+def _flex_rule(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask | None) -> Tensor:
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _flex_grouped(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _flex_dense(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+_FLEX_CALLS = {"rule": _flex_rule, "grouped": _flex_grouped, "dense": _flex_dense}
+
+
+def _flex_function(device: torch.device, kind: str) -> Callable[..., Tensor]:
+    """The FlexAttention call for masks of ``kind`` (`_FLEX_CALLS`): `torch.compile`-d on CUDA (once per
+    process), eager elsewhere (CPU: the unfused reference implementation, forward only)."""
+    call = _FLEX_CALLS[kind]
+    if device.type != "cuda":
+        return call
+    if kind not in _compiled_flex:
+        _compiled_flex[kind] = torch.compile(call)
+    return _compiled_flex[kind]
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | LongerMask | None) -> Tensor:
+    """FlexAttention with a `BlockMask` of the same rule; rows with no allowed key give 0 (FlexAttention's
+    own convention). A grouped `LongerMask` runs as one block-diagonal sequence per sample."""
+    _require_flex()
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise NotImplementedError(
+            "LONGER attention kernel='flex': FlexAttention has no backward pass on CPU (forward only, unfused); "
+            "train on CUDA or use kernel='sdpa' / 'reference'"
+        )
+    if q.device.type == "cpu":  # no gradient wanted (checked above); FlexAttention refuses inputs requiring one
+        q, k, v = q.detach(), k.detach(), v.detach()
+    B, H, Q, _ = q.shape
+    N = k.shape[2]
+    if q.numel() == 0 or N == 0:  # FlexAttention needs non-empty inputs; the reference's answer (zeros) is exact
+        return _reference_attention(q, k, v, None if mask is None else _dense(mask, Q))
+    grouped = isinstance(mask, LongerMask) and mask.groups is not None
+    if grouped and Q != N:
+        raise ValueError(f"LONGER attention: a grouped LongerMask needs as many queries as keys, got {Q} and {N}")
+    kind = "grouped" if grouped else "dense" if isinstance(mask, Tensor) else "rule"
+    if grouped:  # (S·G, H, K, d) -> (S, H, G·K, d): free views of the blocks' (rows, K, H, d) layouts
+        S, G = B // mask.groups, mask.groups
+        q, k, v = (t.transpose(1, 2).reshape(S, G * t.shape[2], H, t.shape[3]).transpose(1, 2) for t in (q, k, v))
+        block_mask = mask.block_mask(S, G * Q, G * N)
+    elif isinstance(mask, LongerMask):
+        # one memory layout for cross- (concatenated, contiguous K/V) and self-attention (views of the
+        # projection): each layout is a compiled variant of its own; the self-attention copies are O(G + k)
+        k, v = k.contiguous(), v.contiguous()
+        block_mask = mask.block_mask(B, Q, N)
+    elif mask is not None:
+        dense = mask.expand(B, Q, N)
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, j: Tensor) -> Tensor:
+            return dense[b, qi, j]
+
+        block_mask = create_block_mask(mask_mod, B, None, Q, N, device=q.device)
+    else:
+        block_mask = None
+    with torch.autocast(q.device.type, enabled=False), warnings.catch_warnings():
+        # eager flex (CPU) warns that it materialises the scores: expected, it is the test/debug path here
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = _flex_function(q.device, kind)(q, k, v, block_mask)
+    if grouped:
+        out = out.transpose(1, 2).reshape(B, Q, H, v.shape[3]).transpose(1, 2)
+    return out
+
+
+def _dense(mask: Tensor | LongerMask, num_queries: int) -> Tensor:
+    return mask.dense(num_queries) if isinstance(mask, LongerMask) else mask
+
+
+def _require_flex() -> None:
+    if flex_attention is None:
+        raise RuntimeError(
+            f"LONGER attention kernel='flex' needs torch.nn.attention.flex_attention (torch >= 2.5); "
+            f"this is torch {torch.__version__}: use kernel='sdpa' or 'reference'"
+        )
+
+
+def longer_attention_kernel(kernel: str, device: torch.device | str) -> str:
+    """The kernel that runs for setting ``kernel`` on ``device``: "auto" is `AUTO_KERNEL` of the device type
+    ("sdpa" on CUDA and CPU for now); ValueError for an unknown setting."""
+    if kernel not in LONGER_ATTENTION_KERNELS:
+        raise ValueError(f"LONGER attention: unknown kernel={kernel!r}; allowed: {', '.join(LONGER_ATTENTION_KERNELS)}")
+    if kernel == "auto":
+        return AUTO_KERNEL.get(torch.device(device).type, "sdpa")
+    return kernel
+
+
+def longer_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | LongerMask | None = None, kernel: str = "auto"
+) -> Tensor:
+    """Softmax attention ``softmax(QKᵀ/sqrt(d), masked) V``; rows with no allowed key give 0 ("reference",
+    "flex", "sdpa" on CPU; SDPA's CUDA backends are not relied on for them: LONGER's masks have none).
+
+    Args:
+        q: (B, H, Q, d) queries.
+        k, v: (B, H, N, d) keys and values (same dtype as q).
+        mask: (B, Q, N) bool, True where query q may attend key j (size-1 dims broadcast), a `LongerMask`,
+            or None (every key).
+        kernel: one of `LONGER_ATTENTION_KERNELS`, chosen per call from q's device ("auto").
+
+    Returns:
+        (B, H, Q, d) in q's dtype.
+    """
+    name = longer_attention_kernel(kernel, q.device)
+    if name == "flex":
+        return _flex_attention(q, k, v, mask)
+    dense = None if mask is None else _dense(mask, q.shape[2])
+    return _reference_attention(q, k, v, dense) if name == "reference" else _sdpa_attention(q, k, v, dense)
 
 
 NUM_TIME_BUCKETS = 64  # bucket_time_delta: 1 s -> 0, 1 day -> 37, 1 year -> 57
@@ -143,10 +425,17 @@ class LongerBlock(nn.Module):
         num_heads: H (D must be divisible by H).
         dropout: on the attention output and inside the MLP's output.
         mlp_ratio: hidden width of the MLP is ``mlp_ratio · D``.
+        kernel: the attention implementation, one of `LONGER_ATTENTION_KERNELS` (see `longer_attention`).
     """
 
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, mlp_ratio: int = 4) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, dropout: float = 0.0, mlp_ratio: int = 4, kernel: str = "auto"
+    ) -> None:
         super().__init__()
+        longer_attention_kernel(kernel, "cpu")  # refuse an unknown name here
+        if kernel == "flex":
+            _require_flex()
+        self.kernel = kernel
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.norm1 = nn.LayerNorm(dim)
@@ -166,7 +455,7 @@ class LongerBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mask: Tensor,
+        mask: Tensor | LongerMask,
         kv_tokens: Tensor | None = None,
         extra_k: Tensor | None = None,
         extra_v: Tensor | None = None,
@@ -175,7 +464,8 @@ class LongerBlock(nn.Module):
 
         Args:
             x: (B, Q, D) query tokens (also the residual stream).
-            mask: (B, Q, N) bool, True where query q may attend key j; every row needs one True.
+            mask: (B, Q, N) bool, True where query q may attend key j, or the same as a `LongerMask`; a
+                query with no allowed key gets a 0 attention output (see `longer_attention`).
             kv_tokens: (B, N0, D) tokens whose keys/values come first (default: ``x`` itself).
             extra_k, extra_v: (B, H, N1, D/H) precomputed keys/values appended after them
                 (``N = N0 + N1``), or None.
@@ -185,7 +475,7 @@ class LongerBlock(nn.Module):
         k, v = self.key_values(x if kv_tokens is None else kv_tokens)  # (B, H, N0, d)
         if extra_k is not None:
             k, v = torch.cat([k, extra_k.to(k.dtype)], dim=2), torch.cat([v, extra_v.to(v.dtype)], dim=2)
-        attn = _attention(q, k, v, mask.unsqueeze(1))  # (B, H, Q, d)
+        attn = longer_attention(q, k, v, mask, self.kernel)  # (B, H, Q, d)
         x = x + self.dropout(self.out_proj(attn.transpose(1, 2).reshape(B, Q, D)))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
@@ -230,6 +520,11 @@ class LongerEncoder(SequenceEncoder):
         activation_checkpointing: recompute each block's activations in the backward pass.
         output_dim: width of ``EncoderOutput.target``.
         user_dim: width of the user features (default ``dim``).
+        kernel: softmax attention implementation of every block (main and inner), one of
+            `LONGER_ATTENTION_KERNELS`: "reference" (explicit PyTorch math, float32), "sdpa"
+            (`F.scaled_dot_product_attention`, no cuDNN), "flex" (FlexAttention with a block-sparse mask,
+            compiled on CUDA; forward only on CPU), "auto" (chosen per call from the device: "sdpa" on CUDA
+            and CPU for now). All give the same outputs up to rounding.
 
     Output (`EncoderOutput`): ``target`` (B, output_dim); ``user`` (B, D) the user global token's final
     state (candidate-free); ``sequence`` None; ``mask`` (B, L) valid history positions.
@@ -249,8 +544,10 @@ class LongerEncoder(SequenceEncoder):
         activation_checkpointing: bool = False,
         output_dim: int = 64,
         user_dim: int | None = None,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
+        longer_attention_kernel(kernel, "cpu")  # refuse an unknown name before building anything
         if dim % num_heads:
             raise ValueError(f"LongerEncoder: dim={dim} is not divisible by num_heads={num_heads}")
         if num_layers < 1 or merge_k < 1 or num_recent_queries < 0 or num_learned_global_tokens < 0:
@@ -268,6 +565,7 @@ class LongerEncoder(SequenceEncoder):
         self.num_recent_queries = num_recent_queries
         self.num_global = 2 + num_learned_global_tokens
         self.activation_checkpointing = activation_checkpointing
+        self.kernel = kernel
 
         self.embeddings = FeatureEmbeddings(features, dim, user_dim)
         self.position = nn.Embedding(features.max_len + 1, dim)  # distance to the candidate: newest 1
@@ -277,14 +575,14 @@ class LongerEncoder(SequenceEncoder):
         self.dropout = nn.Dropout(dropout)
         if merge_k > 1:
             self.inner_position = nn.Parameter(torch.empty(merge_k, dim))
-            self.inner = nn.ModuleList(LongerBlock(dim, num_heads, dropout) for _ in range(inner_layers))
+            self.inner = nn.ModuleList(LongerBlock(dim, num_heads, dropout, kernel=kernel) for _ in range(inner_layers))
             self.merge_proj = nn.Linear(merge_k * dim, dim)
             self.merge_norm = nn.LayerNorm(dim)
             self.merge_gate = nn.Parameter(torch.full((dim,), MERGE_GATE_INIT))
         else:
             self.inner_position, self.inner, self.merge_proj = None, None, None
             self.merge_norm, self.merge_gate = None, None
-        self.layers = nn.ModuleList(LongerBlock(dim, num_heads, dropout) for _ in range(num_layers))
+        self.layers = nn.ModuleList(LongerBlock(dim, num_heads, dropout, kernel=kernel) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(dim)
         self.target_mlp = TargetMLP(dim, self.embeddings.user_dim, output_dim, dropout)
         for p in (self.position.weight, self.time.weight, self.learned_tokens, self.inner_position):
@@ -312,7 +610,7 @@ class LongerEncoder(SequenceEncoder):
 
     # -------------------------------------------------------------------------------- helpers
 
-    def _block(self, block: LongerBlock, *args: Tensor | None) -> Tensor:
+    def _block(self, block: LongerBlock, *args: Tensor | LongerMask | None) -> Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -340,15 +638,17 @@ class LongerEncoder(SequenceEncoder):
         B, L, D = tokens.shape
         M = -(-L // K)
         pad = M * K - L
-        x = F.pad(tokens, (0, 0, 0, pad)).reshape(B * M, K, D)  # (B M, K, D)
-        slot = F.pad(mask, (0, pad)).reshape(B * M, K)  # (B M, K) valid behaviours in each group
+        if pad:  # F.pad copies even with nothing to pad; without it the reshapes below are views
+            tokens, mask = F.pad(tokens, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+        x = tokens.reshape(B * M, K, D)  # (B M, K, D)
+        slot = mask.reshape(B * M, K)  # (B M, K) valid behaviours in each group
         group_valid = slot.any(dim=1)  # (B M,)
         weight = slot.unsqueeze(-1).to(x.dtype)  # (B M, K, 1)
         mean = (x * weight).sum(1) / weight.sum(1).clamp(min=1)  # (B M, D) mean of the valid behaviours
         x = (x + self.inner_position) * weight
         # keys: the group's valid slots; an all-padding group attends to all its (zero) slots, then is dropped
         keys = slot | ~group_valid.unsqueeze(1)  # (B M, K)
-        attn_mask = keys.unsqueeze(1).expand(B * M, K, K)  # (B M, K, K)
+        attn_mask = LongerMask(keys, groups=M or None)  # every slot sees the group's keys; M groups per row
         for block in self.inner:
             x = self._block(block, x, attn_mask)
         x = x * weight  # padded slots never reach the summary
@@ -399,26 +699,18 @@ class LongerEncoder(SequenceEncoder):
         recent = torch.gather(states, 1, recent_pos.unsqueeze(-1).expand(B, k, states.shape[-1]))
         recent = recent * recent_valid.unsqueeze(-1).to(recent.dtype)  # (B, k, D)
 
-        # masks: globals at position -1 (see the module docstring for the rule)
-        is_cand = torch.zeros(G + k, dtype=torch.bool, device=device)
-        is_cand[0] = True  # the candidate is a query, never a key
-        q_global = torch.arange(G + k, device=device) < G  # (G + k,)
-        q_pos = torch.cat([recent_pos.new_full((B, G), -1), recent_pos], dim=1)  # (B, G + k)
-        q_valid = torch.cat([recent_valid.new_ones(B, G), recent_valid], dim=1)  # (B, G + k)
-
-        def rule(k_pos: Tensor, k_valid: Tensor, k_global: Tensor, k_cand: Tensor) -> Tensor:
-            allowed = (k_valid & ~k_cand[None, :]).unsqueeze(1)
-            causal = q_global[None, :, None] | k_global[None, None, :] | (k_pos.unsqueeze(1) <= q_pos.unsqueeze(2))
-            return allowed & causal  # (B, G + k, N)
-
+        # masks (the module docstring's rule) as positions: q may attend a valid key j iff pos(j) <= pos(q), with
+        # global keys at -1 (every query sees them) and global queries at M (they see every valid key)
+        g_key_valid = (torch.arange(G, device=device) > 0).expand(B, G)  # the candidate is a query, never a key
+        g_key_pos = recent_pos.new_full((B, G), -1)
+        q_pos = torch.cat([recent_pos.new_full((B, G), M), recent_pos], dim=1)  # (B, G + k)
         seq_pos = torch.arange(M, device=device).expand(B, M)
-        cross_mask = rule(
-            torch.cat([q_pos[:, :G], seq_pos], dim=1),
-            torch.cat([q_valid[:, :G], seq_mask], dim=1),
-            torch.arange(G + M, device=device) < G,
-            torch.arange(G + M, device=device) == 0,
-        )  # (B, G + k, G + M)
-        self_mask = rule(q_pos, q_valid, q_global, is_cand)  # (B, G + k, G + k)
+        cross_mask = LongerMask(  # (B, G + k) queries, (B, G + M) keys
+            torch.cat([g_key_valid, seq_mask], dim=1), torch.cat([g_key_pos, seq_pos], dim=1), q_pos
+        )
+        self_mask = LongerMask(  # (B, G + k) queries and keys
+            torch.cat([g_key_valid, recent_valid], dim=1), torch.cat([g_key_pos, recent_pos], dim=1), q_pos
+        )
 
         x = torch.cat([globals_, recent.to(globals_.dtype)], dim=1)  # (B, G + k, D)
         x = self._block(self.layers[0], x, cross_mask, globals_, cache.keys, cache.values)

@@ -68,7 +68,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -84,7 +84,7 @@ from torch.utils.checkpoint import (
 
 from encoders.base import EncoderOutput, SequenceEncoder, TargetMLP
 from encoders.embeddings import FeatureEmbeddings, symlog
-from encoders.hstu import AttentionNorm, HSTULayer, bucket_position_distance, bucket_time_delta
+from encoders.hstu import AttentionNorm, HSTULayer, bucket_position_distance, bucket_time_delta, resolve_kernel
 from mtrank.batch import Batch
 from mtrank.spec import FeatureSpec
 
@@ -137,6 +137,24 @@ class SLALayout(NamedTuple):
     candidate_time: Tensor | None
 
 
+class SLAKernelLayout(NamedTuple):
+    """What the fused kernel (`encoders.kernels.hstu_attention.hstu_mha`) needs for semi-local attention over
+    one sequence layout (it computes masks, key counts and the sequence's bias buckets itself), plus the
+    candidate's part, which stays in PyTorch (one query over ``W + 1`` keys)."""
+
+    lengths: Tensor  # (B,) valid sequence tokens
+    position: Tensor  # (B, W) logical positions
+    ts: Tensor  # (B, W) event times
+    local_window: int  # K1, 0: unbounded
+    global_prefix: int  # K2
+    n: float | None  # constant normaliser, or None for the number of keys
+    max_distance: int
+    candidate_mask: Tensor  # (B, W) bool
+    n_candidate: Tensor | float  # (B, 1, 1) or the constant n
+    candidate_position: Tensor | None  # (B, 1, W + 1)
+    candidate_time: Tensor | None
+
+
 def sla_mask(position: Tensor, valid: Tensor, local_window: int, global_prefix: int) -> Tensor:
     """Dense SLA mask over sequence tokens (the rule, literally; for tests and small inputs).
 
@@ -168,7 +186,8 @@ def build_sla_layout(
     max_distance: int,
     constant_n: float | None,
     block_size: int = 64,
-) -> SLALayout:
+    kernel: str = "reference",
+) -> SLALayout | SLAKernelLayout:
     """The `SLALayout` of a left-aligned sequence (built once per layout, shared by its layers).
 
     Args:
@@ -185,9 +204,27 @@ def build_sla_layout(
         block_size: queries per block of the local band (capped at K1); each block's key window is
             ``block + K1 - 1`` keys, so a query costs about ``K1 + block`` keys instead of ``W``. When
             that window would reach the whole sequence, one block of all ``W`` queries and keys is used.
+        kernel: ``reference`` (an `SLALayout`) or ``triton`` (an `SLAKernelLayout`: no (B, W, K) tensors).
     """
     B, W = valid.shape
     device = valid.device
+    if kernel == "triton":
+        candidate_pos, candidate_time = _candidate_buckets(
+            position, ts, candidate_position, candidate_ts, num_position_buckets, num_time_buckets, max_distance
+        )
+        return SLAKernelLayout(
+            lengths=valid.sum(dim=1),
+            position=position,
+            ts=ts,
+            local_window=0 if local_window > max_distance else local_window,
+            global_prefix=global_prefix,
+            n=constant_n,
+            max_distance=max_distance,
+            candidate_mask=valid,
+            n_candidate=(valid.sum(dim=1).float() + 1).view(B, 1, 1) if constant_n is None else constant_n,
+            candidate_position=candidate_pos,
+            candidate_time=candidate_time,
+        )
     k1 = max(1, min(local_window, W))
     block = max(1, min(block_size, k1))
     if block + k1 - 1 >= W:  # one block: every key is in the window
@@ -245,10 +282,8 @@ def build_sla_layout(
         global_position, global_time = buckets(
             position.unsqueeze(2), position[:, :G].unsqueeze(1), ts.unsqueeze(2), ts[:, :G].unsqueeze(1)
         )
-    key_pos = torch.cat([position, candidate_position.unsqueeze(1)], dim=1).unsqueeze(1)  # (B, 1, W + 1)
-    key_ts = torch.cat([ts, candidate_ts.unsqueeze(1)], dim=1).unsqueeze(1)
-    candidate_pos, candidate_time = buckets(
-        candidate_position.view(B, 1, 1), key_pos, candidate_ts.view(B, 1, 1), key_ts
+    candidate_pos, candidate_time = _candidate_buckets(
+        position, ts, candidate_position, candidate_ts, num_position_buckets, num_time_buckets, max_distance
     )
     return SLALayout(
         block=block,
@@ -267,7 +302,64 @@ def build_sla_layout(
     )
 
 
+def _candidate_buckets(
+    position: Tensor,
+    ts: Tensor,
+    candidate_position: Tensor,
+    candidate_ts: Tensor,
+    num_position_buckets: int,
+    num_time_buckets: int,
+    max_distance: int,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(B, 1, W + 1) position and time buckets of the candidate against the sequence keys, then itself."""
+    B = position.shape[0]
+    key_pos = torch.cat([position, candidate_position.unsqueeze(1)], dim=1).unsqueeze(1)  # (B, 1, W + 1)
+    key_ts = torch.cat([ts, candidate_ts.unsqueeze(1)], dim=1).unsqueeze(1)
+    pb = tb = None
+    if num_position_buckets:
+        distance = (candidate_position.view(B, 1, 1) - key_pos).clamp(min=0)
+        pb = bucket_position_distance(distance, num_position_buckets, max_distance)
+    if num_time_buckets:
+        tb = bucket_time_delta(candidate_ts.view(B, 1, 1) - key_ts, num_time_buckets)
+    return pb, tb
+
+
 # ------------------------------------------------------------------------------------------ attention
+
+
+def candidate_attention(
+    qc: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    candidate_mask: Tensor,
+    n_candidate: Tensor | float,
+    bias_candidate: Tensor | None,
+    alpha: float,
+) -> Tensor:
+    """The candidate's attention over every valid sequence token and itself.
+
+    Args:
+        qc, kc: (B, H, 1, d_qk) the candidate's query and key; k: (B, H, W, d_qk) sequence keys.
+        vc: (B, H, 1, d_v) the candidate's value; v: (B, H, W, d_v) sequence values.
+        candidate_mask: (B, W) bool valid sequence tokens.
+        n_candidate: (B, 1, 1) keys of the candidate, or the constant n.
+        bias_candidate: (B, H, 1, W + 1) relative bias, or None.
+        alpha: scale of ``QKᵀ``.
+
+    Returns:
+        (B, H, 1, d_v).
+    """
+    B, W = candidate_mask.shape
+    keys, values = torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2)  # (B, H, W + 1, d)
+    scores = alpha * torch.matmul(qc, keys.transpose(-1, -2))  # (B, H, 1, W + 1)
+    if bias_candidate is not None:
+        scores = scores + bias_candidate
+    keep = F.pad(candidate_mask, (0, 1), value=True).view(B, 1, 1, W + 1)
+    n_c = n_candidate.unsqueeze(1) if isinstance(n_candidate, Tensor) else n_candidate
+    attn = F.silu(scores) * keep / n_c
+    return torch.matmul(attn.to(v.dtype), values)  # (B, H, 1, dv)
 
 
 def sla_attention(
@@ -325,28 +417,25 @@ def sla_attention(
         attn = F.silu(scores) * layout.global_mask.unsqueeze(1) / n
         out = out + torch.matmul(attn.to(v.dtype), v[:, :, :G])
 
-    keys, values = torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2)  # (B, H, W + 1, d)
-    scores = alpha * torch.matmul(qc, keys.transpose(-1, -2))  # (B, H, 1, W + 1)
-    if bias_candidate is not None:
-        scores = scores + bias_candidate
-    keep = F.pad(layout.candidate_mask, (0, 1), value=True).view(B, 1, 1, W + 1)
-    n_c = layout.n_candidate.unsqueeze(1) if isinstance(layout.n_candidate, Tensor) else layout.n_candidate
-    attn = F.silu(scores) * keep / n_c
-    out_c = torch.matmul(attn.to(v.dtype), values)  # (B, H, 1, dv)
+    out_c = candidate_attention(
+        qc, k, v, kc, vc, layout.candidate_mask, layout.n_candidate, bias_candidate, alpha
+    )  # (B, H, 1, dv)
     return out, out_c
 
 
-SLA_ATTENTION_KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"reference": sla_attention}
+SLA_ATTENTION_KERNELS = ("auto", "reference", "triton")
 
 
-def sla_attention_kernel(kernel: str) -> Callable[..., tuple[Tensor, Tensor]]:
-    """The implementation of `sla_attention` named ``kernel`` (the one dispatch point); ValueError if unknown."""
-    try:
-        return SLA_ATTENTION_KERNELS[kernel]
-    except KeyError:
-        raise ValueError(
-            f"unknown ULTRA-HSTU attention kernel {kernel!r}; available: {sorted(SLA_ATTENTION_KERNELS)}"
-        ) from None
+def sla_attention_kernel(kernel: str) -> str:
+    """Check the ``kernel`` setting of ULTRA-HSTU's attention; ValueError if unknown.
+
+    ``reference``: `sla_attention` (blocked dense PyTorch); ``triton``: the fused kernel
+    `encoders.kernels.hstu_attention.hstu_mha` with the semi-local mask and block skipping (CUDA, or the
+    CPU under ``TRITON_INTERPRET=1``); ``auto``: ``triton`` on CUDA, ``reference`` elsewhere.
+    """
+    if kernel not in SLA_ATTENTION_KERNELS:
+        raise ValueError(f"unknown ULTRA-HSTU attention kernel {kernel!r}; available: {list(SLA_ATTENTION_KERNELS)}")
+    return kernel
 
 
 # ------------------------------------------------------------------------------------------ recompute
@@ -370,15 +459,13 @@ def selective_checkpoint_context() -> Any:
 class UltraHSTULayer(HSTULayer):
     """An HSTU layer (same parameters as `HSTULayer`) whose attention is semi-local, with a separate candidate.
 
-    Args: as `HSTULayer`, plus ``kernel`` naming an `SLA_ATTENTION_KERNELS` entry.
+    Args: as `HSTULayer`. The implementation follows the layout it is given: `SLALayout` runs the
+    reference `sla_attention`, `SLAKernelLayout` the fused kernel for the sequence (the candidate's one
+    query stays in PyTorch, `candidate_attention`).
     """
 
-    def __init__(self, *args: Any, kernel: str = "reference", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sla = sla_attention_kernel(kernel)
-
     def forward(  # type: ignore[override]
-        self, x: Tensor, candidate: Tensor, valid: Tensor, layout: SLALayout
+        self, x: Tensor, candidate: Tensor, valid: Tensor, layout: SLALayout | SLAKernelLayout
     ) -> tuple[Tensor, Tensor]:
         """(B, W, D) sequence tokens, (B, 1, D) candidate -> both updated; sequence 0 where ``valid`` is False."""
         B, W, _ = x.shape
@@ -386,27 +473,65 @@ class UltraHSTULayer(HSTULayer):
         xc = torch.cat([x, candidate], dim=1)  # (B, W + 1, D)
         uvqk = F.silu(self.f1(self.norm_x(xc)))
         u, v, q, k = uvqk.split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        alpha = 1.0 / math.sqrt(dqk)
 
-        def heads(t: Tensor, d: int) -> Tensor:
-            return t.view(B, W + 1, H, d).transpose(1, 2)  # (B, H, W + 1, d)
+        if isinstance(layout, SLAKernelLayout):
+            from encoders.kernels.hstu_attention import hstu_mha
 
-        q, k, v = heads(q, dqk), heads(k, dqk), heads(v, dv)
-        bias_local = self.rab(layout.local_position, layout.local_time)
-        bias_global = self.rab(layout.global_position, layout.global_time) if layout.global_mask is not None else None
-        bias_candidate = self.rab(layout.candidate_position, layout.candidate_time)
-        av, av_c = self.sla(
-            q[:, :, :W],
-            k[:, :, :W],
-            v[:, :, :W],
-            q[:, :, W:],
-            k[:, :, W:],
-            v[:, :, W:],
-            layout,
-            bias_local,
-            bias_global,
-            bias_candidate,
-            alpha=1.0 / math.sqrt(dqk),
-        )
+            q4, k4, v4 = q.view(B, W + 1, H, dqk), k.view(B, W + 1, H, dqk), v.view(B, W + 1, H, dv)
+            position, time = self.rab.position, self.rab.time
+            av = hstu_mha(
+                q4[:, :W],
+                k4[:, :W],
+                v4[:, :W],
+                layout.lengths,
+                alpha=alpha,
+                n=layout.n,
+                position=layout.position,
+                ts=layout.ts if time is not None else None,
+                position_weight=position.weight if position is not None else None,
+                time_weight=time.weight if time is not None else None,
+                max_distance=layout.max_distance,
+                local_window=layout.local_window,
+                global_prefix=layout.global_prefix,
+            ).transpose(1, 2)  # (B, H, W, dv)
+            qh, kh, vh = q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2)  # (B, H, W + 1, d)
+            bias_candidate = self.rab(layout.candidate_position, layout.candidate_time)
+            av_c = candidate_attention(
+                qh[:, :, W:],
+                kh[:, :, :W],
+                vh[:, :, :W],
+                kh[:, :, W:],
+                vh[:, :, W:],
+                layout.candidate_mask,
+                layout.n_candidate,
+                bias_candidate,
+                alpha,
+            )
+        else:
+
+            def heads(t: Tensor, d: int) -> Tensor:
+                return t.view(B, W + 1, H, d).transpose(1, 2)  # (B, H, W + 1, d)
+
+            q, k, v = heads(q, dqk), heads(k, dqk), heads(v, dv)
+            bias_local = self.rab(layout.local_position, layout.local_time)
+            bias_global = (
+                self.rab(layout.global_position, layout.global_time) if layout.global_mask is not None else None
+            )
+            bias_candidate = self.rab(layout.candidate_position, layout.candidate_time)
+            av, av_c = sla_attention(
+                q[:, :, :W],
+                k[:, :, :W],
+                v[:, :, :W],
+                q[:, :, W:],
+                k[:, :, W:],
+                v[:, :, W:],
+                layout,
+                bias_local,
+                bias_global,
+                bias_candidate,
+                alpha=alpha,
+            )
         av = torch.cat([av, av_c], dim=2).transpose(1, 2).reshape(B, W + 1, H * dv)
         y = self.f2(self.dropout(self.norm_av(av) * u)) + xc  # (B, W + 1, D)
         keep = F.pad(valid, (0, 1), value=True).unsqueeze(-1).to(y.dtype)
@@ -454,7 +579,8 @@ class UltraHSTUEncoder(SequenceEncoder):
         num_position_buckets: relative position bias buckets (0: off).
         num_time_buckets: relative time bias buckets (0: off).
         attention_norm: ``num_keys`` (keys each query attends to) or ``max_len`` (a constant).
-        kernel: the SLA attention implementation (``reference``).
+        kernel: the attention implementation: ``auto`` (the fused Triton kernel on CUDA, the reference
+            elsewhere), ``reference`` or ``triton`` (see `sla_attention_kernel`).
         recompute: ``none``, ``selective`` (save the linear projections' outputs, recompute the rest)
             or ``full`` (whole layers).
         output_dim: width of ``EncoderOutput.target``.
@@ -484,7 +610,7 @@ class UltraHSTUEncoder(SequenceEncoder):
         num_position_buckets: int = 32,
         num_time_buckets: int = 128,
         attention_norm: AttentionNorm = "num_keys",
-        kernel: str = "reference",
+        kernel: str = "auto",
         recompute: Recompute = "none",
         output_dim: int = 64,
         user_dim: int | None = None,
@@ -518,7 +644,7 @@ class UltraHSTUEncoder(SequenceEncoder):
             raise ValueError(f"{name}: recompute must be 'none', 'selective' or 'full', got {recompute!r}")
         if fusion not in ("sum", "concat"):
             raise ValueError(f"{name}: fusion must be 'sum' or 'concat', got {fusion!r}")
-        sla_attention_kernel(kernel)
+        self.kernel = sla_attention_kernel(kernel)
         streams = [TransducerStream()] if not streams else [_as_stream(s) for s in streams]
         for stream in streams:
             _check_stream(stream, features, name)
@@ -570,7 +696,6 @@ class UltraHSTUEncoder(SequenceEncoder):
                     dropout=dropout,
                     num_position_buckets=num_position_buckets,
                     num_time_buckets=num_time_buckets,
-                    kernel=kernel,
                 )
                 for _ in range(num_layers)
             )
@@ -666,7 +791,7 @@ class UltraHSTUEncoder(SequenceEncoder):
 
     # -------------------------------------------------------------------------------- layers
 
-    def _layout(self, seq: _Sequence, batch_ts: Tensor) -> SLALayout:
+    def _layout(self, seq: _Sequence, batch_ts: Tensor) -> SLALayout | SLAKernelLayout:
         return build_sla_layout(
             seq.position,
             seq.valid,
@@ -680,6 +805,7 @@ class UltraHSTUEncoder(SequenceEncoder):
             self.max_tokens,
             float(self.max_tokens + 1) if self.attention_norm == "max_len" else None,
             self.sla_block_size,
+            kernel=resolve_kernel(self.kernel, seq.valid.device, "UltraHSTUEncoder"),
         )
 
     def truncate(self, seq: _Sequence, tokens: Tensor) -> tuple[_Sequence, Tensor]:
@@ -706,7 +832,7 @@ class UltraHSTUEncoder(SequenceEncoder):
         return new, tokens
 
     def _run_layer(
-        self, layer: UltraHSTULayer, x: Tensor, c: Tensor, valid: Tensor, layout: SLALayout
+        self, layer: UltraHSTULayer, x: Tensor, c: Tensor, valid: Tensor, layout: SLALayout | SLAKernelLayout
     ) -> tuple[Tensor, Tensor]:
         if self.recompute == "none" or not torch.is_grad_enabled():
             return layer(x, c, valid, layout)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from encoders import HSTUEncoder, UltraHSTUEncoder
 from encoders.kernels.hstu_attention import (
     attention_mask,
     check_positions,
@@ -27,6 +28,8 @@ from encoders.kernels.hstu_attention import (
     interpreting,
     triton_available,
 )
+from mtrank.data.synth import random_batch
+from mtrank.spec import FeatureSpec
 
 pytest.importorskip("triton")
 
@@ -223,3 +226,103 @@ def test_gpu_long_rows(variant: str) -> None:
     if "local_window" in v:
         v.update(local_window=300, global_prefix=64)
     compare([1500, 1000, 777], 1500, torch.bfloat16, "cuda", v, d_qk=64, d_v=64)
+
+
+# ------------------------------------------------------------------------------------------ encoders
+
+
+def _encoder_outputs(encoder: torch.nn.Module, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    out = encoder(batch)
+    loss = out.target.square().sum() + out.user.square().sum()
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [out.target, out.user], [
+        g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)
+    ]
+
+
+def _compare_encoders(build: Any, batch: Any, device: str = "cpu", atol: float = 2e-5) -> None:
+    outs = {}
+    for kernel in ("reference", "triton"):
+        torch.manual_seed(0)
+        encoder = build(kernel).to(device).train()
+        torch.manual_seed(1)  # same dropout masks
+        outs[kernel] = _encoder_outputs(encoder, batch.to(device))
+    for a, b in zip(outs["reference"][0] + outs["reference"][1], outs["triton"][0] + outs["triton"][1], strict=True):
+        torch.testing.assert_close(b, a, atol=atol, rtol=1e-4)
+
+
+LONG = FeatureSpec(
+    num_users=20,
+    num_items=50,
+    max_len=40,
+    history_sparse={"category": 6, "action": 3},
+    history_dense=["watch"],
+    item_sparse={"category": 6},
+    item_dense=["duration"],
+    user_sparse={"age": 5},
+    user_dense=["activity"],
+)
+
+
+@cpu_only
+@pytest.mark.parametrize("norm", ["num_keys", "max_len"])
+def test_hstu_encoder_kernel_matches_reference(norm: str) -> None:
+    batch = random_batch(LONG, [40, 17, 16, 1, 0], 40, seed=2)
+    _compare_encoders(lambda kernel: HSTUEncoder(LONG, dim=32, num_heads=2, attention_norm=norm, kernel=kernel), batch)
+
+
+ULTRA_SETTINGS = {
+    "sla_truncation_streams": {
+        "num_context_tokens": 2,
+        "local_window": 6,
+        "global_prefix": 3,
+        "full_layers": 1,
+        "tail_len": 12,
+        "streams": [{"name": "all"}, {"name": "engaged", "channel": "action", "values": [1, 2], "max_len": 20}],
+    },
+    "interleaved_full": {"merge_action_item": False, "num_context_tokens": 1, "attention_norm": "max_len"},
+}
+
+
+@cpu_only
+@pytest.mark.parametrize("setting", list(ULTRA_SETTINGS))
+def test_ultra_hstu_encoder_kernel_matches_reference(setting: str) -> None:
+    batch = random_batch(LONG, [40, 23, 16, 1, 0], 40, seed=3)
+    kwargs = ULTRA_SETTINGS[setting]
+    _compare_encoders(lambda kernel: UltraHSTUEncoder(LONG, dim=32, num_heads=2, kernel=kernel, **kwargs), batch)
+
+
+def test_auto_picks_the_reference_off_cuda_and_triton_refuses_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from encoders.hstu import resolve_kernel
+    from encoders.kernels import hstu_attention
+
+    assert resolve_kernel("auto", torch.device("cpu")) == "reference"  # also under the interpreter
+    assert resolve_kernel("reference", torch.device("cpu")) == "reference"
+    monkeypatch.setattr(hstu_attention, "triton_available", lambda device: False)
+    with pytest.raises(RuntimeError, match=r"kernel='triton' cannot run on cpu.*kernel: auto"):
+        resolve_kernel("triton", torch.device("cpu"), "HSTUEncoder")
+    with pytest.raises(ValueError, match="unknown HSTU attention kernel 'flash'"):
+        HSTUEncoder(LONG, kernel="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm", ["num_keys", "max_len"])
+def test_gpu_hstu_encoder_kernel_matches_reference(norm: str) -> None:
+    batch = random_batch(LONG, [40, 17, 16, 1, 0, 33], 40, seed=2)
+    _compare_encoders(
+        lambda kernel: HSTUEncoder(LONG, dim=64, num_heads=2, attention_norm=norm, kernel=kernel),
+        batch,
+        "cuda",
+        atol=1e-4,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", list(ULTRA_SETTINGS))
+def test_gpu_ultra_hstu_encoder_kernel_matches_reference(setting: str) -> None:
+    batch = random_batch(LONG, [40, 23, 16, 1, 0, 39], 40, seed=3)
+    kwargs = ULTRA_SETTINGS[setting]
+    _compare_encoders(
+        lambda kernel: UltraHSTUEncoder(LONG, dim=64, num_heads=2, kernel=kernel, **kwargs), batch, "cuda", atol=1e-4
+    )

@@ -10,7 +10,7 @@ import torch
 from test_encoders import FEATURES, make_batch, replace_history
 
 from encoders import HSTUEncoder, TransducerStream, UltraHSTUEncoder, hstu_attention, sla_attention, sla_mask
-from encoders.hstu import HSTULayer, bucket_position_distance, bucket_time_delta
+from encoders.hstu import AttentionInputs, HSTULayer, bucket_position_distance, bucket_time_delta
 from encoders.ultra_hstu import UltraHSTULayer, build_sla_layout
 from mtrank.batch import Batch
 
@@ -66,7 +66,8 @@ def dense_reference(x, c, valid, position, ts, cand_pos, cand_ts, layer, k1, k2)
     pb = bucket_position_distance((pos[:, :, None] - pos[:, None, :]).clamp(min=0), 8, 40)
     tb = bucket_time_delta(t[:, :, None] - t[:, None, :], 16)
     full_valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], dim=1)
-    out = HSTULayer.forward(layer, torch.cat([x, c], dim=1), full_valid, mask, pb, tb, None)
+    inputs = AttentionInputs("reference", None, mask=mask, position_bucket=pb, time_bucket=tb)
+    out = HSTULayer.forward(layer, torch.cat([x, c], dim=1), full_valid, inputs)
     return out[:, :W], out[:, W:]
 
 

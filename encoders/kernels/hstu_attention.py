@@ -178,8 +178,12 @@ def _time_thresholds(num_buckets: int, device: torch.device) -> Tensor:
 if triton is not None:
 
     def _configs(kind: str) -> list[Any]:
+        """Autotuning candidates (BLOCK_M queries x BLOCK_N keys per tile); one fixed config under the
+        interpreter, or with ``MTRANK_KERNEL_AUTOTUNE=0`` (quick GPU test runs)."""
         if interpreting():
             return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+        if os.environ.get("MTRANK_KERNEL_AUTOTUNE", "1") == "0":
+            return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)]
         if kind == "dkdv":
             shapes = [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2)]
         else:
