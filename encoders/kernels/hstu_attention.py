@@ -30,7 +30,13 @@ with the reference function on the same device), so kernel and reference agree b
 **Block skipping**: a query block visits only the key blocks its mask can reach: up to the diagonal
 (causal), and with a local window only the blocks of the global prefix and of the band
 ``[i - K1 + 1, i]``, so semi-local attention costs ``O(N·(K1 + K2))``. Tiles entirely inside the mask
-skip the mask arithmetic. Blocks past a row's length are skipped.
+skip the mask arithmetic. Blocks past a row's length are skipped. The grid runs (batch·head, block)
+with the busiest blocks first (the last query blocks, the first key blocks), so that long programs
+do not form a tail.
+
+**Speed** (H100, bf16, `scripts/bench_attention.py`): the SiLU's sigmoid is one ``tanh.approx.f32``
+in bf16/fp16, so the pointwise work per score costs what softmax's exponential does. The in-kernel
+relative bias is the slow part: its table gathers cost ~10× the attention itself (see the README).
 
 `hstu_mha` runs the Triton kernels (CUDA, or any device under ``TRITON_INTERPRET=1``);
 `hstu_mha_reference` is the same function in dense PyTorch (it materialises (B, H, N, N)).
@@ -499,8 +505,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the busiest (last) query blocks start first
         b = (pid_bh // H).to(tl.int64)
         h = pid_bh % H
         Pos += b * stride_pb
@@ -824,8 +830,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)
+        pid_n = tl.program_id(1)  # the busiest (first: causal, global prefix) key blocks start first
         b = (pid_bh // H).to(tl.int64)
         h = pid_bh % H
         Pos += b * stride_pb
@@ -1139,8 +1145,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the busiest (last) query blocks start first
         b = (pid_bh // H).to(tl.int64)
         h = pid_bh % H
         Pos += b * stride_pb
@@ -1353,7 +1359,7 @@ class _HSTUAttention(torch.autograd.Function):
         )
 
         def grid(meta: dict[str, Any]) -> tuple[int, int]:
-            return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+            return (B * H, triton.cdiv(N, meta["BLOCK_M"]))
 
         if B * N:
             _hstu_fwd[grid](
@@ -1378,7 +1384,7 @@ class _HSTUAttention(torch.autograd.Function):
         d_time = torch.zeros(time_weight.shape, dtype=torch.float32, device=q.device) if has_time else args[7]
         if B * N:
             strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
-            _hstu_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+            _hstu_bwd_dkdv[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
                 q,
                 k,
                 v,
@@ -1394,7 +1400,7 @@ class _HSTUAttention(torch.autograd.Function):
                 *dv.stride()[:3],
                 **scalars,
             )
-            _hstu_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+            _hstu_bwd_dq[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
                 q, k, v, grad_out, dq, count, *args, *strides, *dq.stride()[:3], **scalars
             )
         grad_pos = d_pos.to(position_weight.dtype) if has_pos else None
