@@ -14,10 +14,12 @@ Tolerances (max abs difference, inputs of unit scale, outputs of scale ~0.1-1):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 import torch
+from test_encoders import FEATURES
 
 from encoders import HSTUEncoder, UltraHSTUEncoder
 from encoders.kernels.hstu_attention import (
@@ -29,7 +31,6 @@ from encoders.kernels.hstu_attention import (
     triton_available,
 )
 from mtrank.data.synth import random_batch
-from mtrank.spec import FeatureSpec
 
 pytest.importorskip("triton")
 
@@ -252,17 +253,7 @@ def _compare_encoders(build: Any, batch: Any, device: str = "cpu", atol: float =
         torch.testing.assert_close(b, a, atol=atol, rtol=1e-4)
 
 
-LONG = FeatureSpec(
-    num_users=20,
-    num_items=50,
-    max_len=40,
-    history_sparse={"category": 6, "action": 3},
-    history_dense=["watch"],
-    item_sparse={"category": 6},
-    item_dense=["duration"],
-    user_sparse={"age": 5},
-    user_dense=["activity"],
-)
+LONG = dataclasses.replace(FEATURES, max_len=40)  # the encoder tests' features, longer histories
 
 
 @cpu_only
