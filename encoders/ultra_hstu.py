@@ -212,8 +212,9 @@ def build_sla_layout(
         candidate_pos, candidate_time = _candidate_buckets(
             position, ts, candidate_position, candidate_ts, num_position_buckets, num_time_buckets, max_distance
         )
+        lengths = valid.sum(dim=1)  # (B,)
         return SLAKernelLayout(
-            lengths=valid.sum(dim=1),
+            lengths=lengths,
             position=position,
             ts=ts,
             local_window=0 if local_window > max_distance else local_window,
@@ -221,7 +222,7 @@ def build_sla_layout(
             n=constant_n,
             max_distance=max_distance,
             candidate_mask=valid,
-            n_candidate=(valid.sum(dim=1).float() + 1).view(B, 1, 1) if constant_n is None else constant_n,
+            n_candidate=(lengths.float() + 1).view(B, 1, 1) if constant_n is None else constant_n,
             candidate_position=candidate_pos,
             candidate_time=candidate_time,
         )

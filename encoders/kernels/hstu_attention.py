@@ -179,6 +179,13 @@ def _time_thresholds(num_buckets: int, device: torch.device) -> Tensor:
     return thresholds
 
 
+@functools.lru_cache(maxsize=16)
+def _placeholders(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """One-element int32, int64 and float32 zeros standing in for the pointers of switched-off inputs
+    (the kernels never read them; made once per device rather than per call)."""
+    return tuple(torch.zeros(1, dtype=t, device=device) for t in (torch.int32, torch.int64, torch.float32))
+
+
 # ------------------------------------------------------------------------------------------ Triton kernels
 
 if triton is not None:
@@ -1314,9 +1321,7 @@ class _HSTUAttention(torch.autograd.Function):
         d_v = v.shape[-1]
         device = q.device
         out = torch.empty((B, N, H, d_v), dtype=q.dtype, device=device)
-        dummy_i = torch.zeros(1, dtype=torch.int32, device=device)
-        dummy_l = torch.zeros(1, dtype=torch.int64, device=device)
-        dummy_f = torch.zeros(1, dtype=torch.float32, device=device)
+        dummy_i, dummy_l, dummy_f = _placeholders(device)
         count = torch.empty((B, N), dtype=torch.float32, device=device) if n is None else dummy_f
         pos_lut = (
             _position_lut(position_weight.shape[0], max_distance, device) if position_weight is not None else dummy_i
@@ -1367,14 +1372,14 @@ class _HSTUAttention(torch.autograd.Function):
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                 **scalars,
             )  # fmt: skip
-        ctx.save_for_backward(q, k, v, out, count, position_weight, time_weight, *args.values())
+        ctx.save_for_backward(q, k, v, count, position_weight, time_weight, *args.values())
         ctx.scalars = scalars
         ctx.has_weights = (position_weight is not None, time_weight is not None)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, _out, count, position_weight, time_weight, *args = ctx.saved_tensors
+        q, k, v, count, position_weight, time_weight, *args = ctx.saved_tensors
         scalars = ctx.scalars
         B, N, H, _ = q.shape
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
