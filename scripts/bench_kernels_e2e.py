@@ -35,7 +35,9 @@ autotuning), then ``--steps`` timed steps, each between two ``torch.cuda.synchro
 Columns: ``ms/step`` median milliseconds per training step; ``samples/s`` batch size / median step time;
 ``peak GiB`` ``torch.cuda.max_memory_allocated`` over the timed steps (everything: weights, gradients, AdamW
 state, batch, activations; "—" on the CPU); ``speed-up`` the reference kernel's ms/step over this row's, same
-encoder and history length; ``note`` why a row has no numbers. A configuration that runs out of GPU memory is
+encoder and history length; ``warmup s`` wall seconds of the ``--warmup`` steps together (the first call's Triton
+autotuning and compilation land here: the one-off cost a training run pays before its first logged step);
+``note`` why a row has no numbers. A configuration that runs out of GPU memory is
 reported as such; one that fails otherwise (for example a kernel an encoder does not accept) is reported with its
 error and makes the exit status 1. Prints a table and writes JSON (``--out``, rewritten after every row).
 """
@@ -140,9 +142,12 @@ def measure(encoder: str, max_len: int, kernel: str, args: argparse.Namespace) -
         if cuda:
             torch.cuda.synchronize(device)
 
+    sync()
+    start = time.perf_counter()
     for _ in range(args.warmup):
         train_step(module, optimizer, batch, cuda)
     sync()
+    warmup_s = time.perf_counter() - start
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -159,6 +164,7 @@ def measure(encoder: str, max_len: int, kernel: str, args: argparse.Namespace) -
         "samples_per_s": args.batch_size / (ms * 1e-3),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "step_ms": times,
+        "warmup_s": warmup_s,
         "parameters": sum(p.numel() for p in module.parameters()),
         "optimizer": type(optimizer).__name__,
         "encoder_init_args": model["encoder"]["init_args"],
@@ -172,7 +178,7 @@ def fmt(value: float | None, spec: str) -> str:
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = (
         f"| {'encoder':<10} | {'max_len':>7} | {'kernel':<9} | {'ms/step':>8} | {'samples/s':>9} | "
-        f"{'peak GiB':>8} | {'speed-up':>8} | note"
+        f"{'peak GiB':>8} | {'speed-up':>8} | {'warmup s':>8} | note"
     )
     print(header)
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|------|")
@@ -181,6 +187,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(
             f"| {r['encoder']:<10} | {r['max_len']:>7} | {r['kernel']:<9} | {fmt(r.get('ms_per_step'), '.1f'):>8} | "
             f"{fmt(r.get('samples_per_s'), '.0f'):>9} | {fmt(r.get('peak_gib'), '.2f'):>8} | {speedup:>8} | "
+            f"{fmt(r.get('warmup_s'), '.1f'):>8} | "
             f"{r.get('error', '')}"
         )
 

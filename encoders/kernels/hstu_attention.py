@@ -192,7 +192,11 @@ if triton is not None:
 
     def _configs(kind: str) -> list[Any]:
         """Autotuning candidates (BLOCK_M queries x BLOCK_N keys per tile); one fixed config under the
-        interpreter, or with ``MTRANK_KERNEL_AUTOTUNE=0`` (quick GPU test runs)."""
+        interpreter, or with ``MTRANK_KERNEL_AUTOTUNE=0`` (quick GPU test runs).
+
+        The choice is made once per key (power-of-two length bucket, head dims, mask and bias flags) and
+        kept on disk in Triton's cache (``cache_results=True``, ``TRITON_CACHE_DIR``), so only the first run
+        on a machine pays for the tuning."""
         if interpreting():
             return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
         if os.environ.get("MTRANK_KERNEL_AUTOTUNE", "1") == "0":
@@ -458,7 +462,7 @@ if triton is not None:
         acc += _dot(p.to(v.dtype), v, PRECISION)
         return acc, cnt
 
-    @triton.autotune(configs=_configs("fwd"), key=_KEY)
+    @triton.autotune(configs=_configs("fwd"), key=_KEY, cache_results=True)
     @triton.jit
     def _hstu_fwd(
         Q,
@@ -773,7 +777,7 @@ if triton is not None:
             _bucket_grad(DTimeW, tb, dst, h, H)
         return dk, dv
 
-    @triton.autotune(configs=_configs("dkdv"), key=_KEY, reset_to_zero=["DPosW", "DTimeW"])
+    @triton.autotune(configs=_configs("dkdv"), key=_KEY, reset_to_zero=["DPosW", "DTimeW"], cache_results=True)
     @triton.jit
     def _hstu_bwd_dkdv(
         Q,
@@ -1094,7 +1098,7 @@ if triton is not None:
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION)
         return dq
 
-    @triton.autotune(configs=_configs("dq"), key=_KEY)
+    @triton.autotune(configs=_configs("dq"), key=_KEY, cache_results=True)
     @triton.jit
     def _hstu_bwd_dq(
         Q,
