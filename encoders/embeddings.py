@@ -113,7 +113,7 @@ class FeatureEmbeddings(nn.Module):
             x = x + table(batch.history_sparse[name])
         if self.history_dense is not None:
             dense = torch.stack([batch.history_dense[n] for n in self.features.history_dense], dim=-1)  # (B, L, C)
-            x = x + self.history_dense(symlog(dense.float()))
+            x = x + project_dense(self.history_dense, dense)
         return x * batch.history_mask().unsqueeze(-1).to(x.dtype)
 
     def candidate_tokens(self, batch: Batch) -> Tensor:
@@ -147,8 +147,15 @@ def add_features(
         x = x + table(sparse[name])
     if projection is not None:
         values = torch.stack([dense[n] for n in dense_names], dim=-1)  # (..., C)
-        x = x + projection(symlog(values.float()))
+        x = x + project_dense(projection, values)
     return x
+
+
+def project_dense(projection: nn.Linear, values: Tensor) -> Tensor:
+    """(..., C) raw dense values -> (..., D) ``projection(symlog(values))``: symlog in float32 (inputs may
+    arrive in bf16 or as counts), then cast to the projection's weight dtype (bf16 when the weights are, as
+    under DeepSpeed's bf16 or ``bf16-true``; a no-op under autocast, whose weights stay float32)."""
+    return projection(symlog(values.float()).to(projection.weight.dtype))
 
 
 def _projection(in_features: int, out_features: int) -> nn.Linear | None:

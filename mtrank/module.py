@@ -42,6 +42,7 @@ from mtrank.batch import Batch
 from mtrank.exposure import ExposureSlice
 from mtrank.losses import task_loss, task_prediction
 from mtrank.metrics import TaskMetrics
+from mtrank.precision import keep_batch_exact
 from mtrank.spec import FeatureSpec, TaskSpec, check_tasks
 
 EncoderFactory = Callable[[FeatureSpec], SequenceEncoder]
@@ -171,6 +172,11 @@ class RankingModule(L.LightningModule):
         return losses
 
     # ----------------------------------------------------------------------------- steps
+    def setup(self, stage: str) -> None:
+        """Keep labels, propensities and extras exact under precisions that cast the batch (DeepSpeed's,
+        ``bf16-true``): `mtrank.precision.keep_batch_exact` on the trainer's precision plugin."""
+        keep_batch_exact(self.trainer.precision_plugin)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         encoded, head_out = self(batch)
         losses = self.losses(encoded, head_out, batch)
