@@ -2,6 +2,7 @@
 
     mtrank fit|validate|test|predict --config FILE [--section.key value ...]
     mtrank synth --out DIR [--num-users N ...]
+    mtrank convert-checkpoint SRC DST       (`mtrank.convert`: ZeRO folder or file -> one fp32 file)
 
 ``fit`` … ``predict`` are Lightning's CLI (jsonargparse): every encoder, head, task, optimiser,
 logger and strategy comes from YAML and can be overridden on the command line. The task list and
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         from mtrank.data.synth import main as synth_main
 
         return synth_main(args[1:])
+    if args and args[0] == "convert-checkpoint":
+        from mtrank.convert import main as convert_main
+
+        return convert_main(args[1:])
     MTRankCLI(
         RankingModule,
         RankingDataModule,

@@ -44,6 +44,7 @@ from mtrank.losses import task_loss, task_prediction
 from mtrank.metrics import TaskMetrics
 from mtrank.precision import keep_batch_exact
 from mtrank.spec import FeatureSpec, TaskSpec, check_tasks
+from mtrank.strategies import prepare_strategy
 
 EncoderFactory = Callable[[FeatureSpec], SequenceEncoder]
 HeadsFactory = Callable[[int, Sequence[TaskSpec]], MultiTaskHead]
@@ -174,8 +175,10 @@ class RankingModule(L.LightningModule):
     # ----------------------------------------------------------------------------- steps
     def setup(self, stage: str) -> None:
         """Keep labels, propensities and extras exact under precisions that cast the batch (DeepSpeed's,
-        ``bf16-true``): `mtrank.precision.keep_batch_exact` on the trainer's precision plugin."""
+        ``bf16-true``): `mtrank.precision.keep_batch_exact` on the trainer's precision plugin; complete a
+        DeepSpeed strategy's config (`mtrank.strategies.prepare_strategy`) before the strategy starts."""
         keep_batch_exact(self.trainer.precision_plugin)
+        prepare_strategy(self.trainer)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         encoded, head_out = self(batch)
