@@ -29,6 +29,7 @@ Example (what the CLI builds from ``configs/quickstart.yaml``):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -43,6 +44,7 @@ from mtrank.exposure import ExposureSlice
 from mtrank.losses import task_loss, task_prediction
 from mtrank.metrics import TaskMetrics
 from mtrank.precision import keep_batch_exact
+from mtrank.resume import load_rng_states, save_rng_states
 from mtrank.spec import FeatureSpec, TaskSpec, check_tasks
 from mtrank.strategies import prepare_strategy
 
@@ -261,3 +263,12 @@ class RankingModule(L.LightningModule):
         if getattr(scheduler, "total_steps", 0) is None:
             scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store every rank's global RNG states (`mtrank.resume`): a resumed fit draws the same dropout masks."""
+        save_rng_states(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore this rank's global RNG states when ``fit`` resumes from ``checkpoint`` (`mtrank.resume`)."""
+        load_rng_states(self._trainer, checkpoint)

@@ -60,6 +60,7 @@ import torch  # noqa: E402
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
 #: dense bf16 tensor-core peak, FLOP/s, by a substring of the device name (None: MFU not reported)
+PREDICT_ROWS = 2048  # validation samples predicted by the resume check's runs
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}
 
 
@@ -71,13 +72,17 @@ def peak_flops(name: str) -> float | None:
 
 
 class Recorder(L.Callback):
-    """Times steps ``warmup+1 ..`` and records, per step, the sum and count of the batch's sample indices."""
+    """Times steps ``warmup+1 ..``, records per step the sum and count of the batch's sample indices, saves a
+    checkpoint (every rank) at the end of step ``save_at`` (inside the loop, where a resume is exact), and at the
+    end of training, before Lightning's teardown moves the model off the GPU, gathers the figures over ranks and
+    predicts ``predict_rows`` validation samples; rank 0 writes them to ``result`` as JSON."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int, result: str, info: dict[str, Any], save_at: int = 0, save_to: str = "",
+                 predict_rows: int = 0) -> None:  # fmt: skip
+        self.warmup, self.result, self.info = warmup, result, info
+        self.save_at, self.save_to, self.predict_rows = save_at, save_to, predict_rows
         self.start: float | None = None
         self.samples = 0
-        self.elapsed = 0.0
         self.steps: list[list[int]] = []  # [global_step, sum of sample_index, batch size] on this rank
 
     def _sync(self, module: L.LightningModule) -> None:
@@ -95,9 +100,33 @@ class Recorder(L.Callback):
         if self.start is not None:
             self.samples += int(index.numel())
 
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, out: Any, batch: Any, i: int) -> None:
+        if self.save_at and trainer.global_step == self.save_at:
+            trainer.save_checkpoint(self.save_to)
+
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._sync(module)
-        self.elapsed = time.perf_counter() - self.start if self.start is not None else 0.0
+        elapsed = time.perf_counter() - self.start if self.start is not None else 0.0
+        cuda = module.device.type == "cuda"
+        out = dict(self.info, world_size=trainer.world_size, steps=self.steps)
+        out["peak_gib_per_rank"] = gather(
+            trainer, torch.cuda.max_memory_allocated(module.device) / 2**30 if cuda else 0
+        )
+        out["samples"] = sum(gather(trainer, self.samples))
+        out["elapsed_s"] = max(gather(trainer, elapsed))
+        if self.predict_rows:
+            data = trainer.datamodule
+            module.eval()
+            preds: dict[str, list[float]] = {}
+            with torch.no_grad(), torch.autocast(module.device.type, dtype=torch.bfloat16, enabled=cuda):
+                for lo in range(0, self.predict_rows, 512):
+                    batch = data.dataset("val").get_batch(list(range(lo, lo + 512))).to(module.device)
+                    for k, v in module.predictions(module(batch)[1]).items():
+                        preds.setdefault(k, []).extend(v.float().cpu().tolist())
+            module.train()
+            out["predictions"] = preds
+        if trainer.global_rank == 0:
+            Path(self.result).write_text(json.dumps(out))
 
 
 def build_cli(args: argparse.Namespace, strategy: str, root: Path, max_steps: int, extra: list[str] | None = None):
@@ -132,38 +161,19 @@ def gather(trainer: L.Trainer, value: float) -> list[float]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One training run of ``args.worker`` (a strategy name); rank 0 writes ``args.result``."""
-    root = Path(args.run_dir)
-    mode = args.mode
-    K = args.resume_steps
+    """One training run of ``args.worker`` (a strategy name) in ``args.mode``; rank 0 writes ``args.result``."""
+    root, mode, K = Path(args.run_dir), args.mode, args.resume_steps
     steps_total = {"throughput": args.warmup + args.steps, "full": 2 * K, "stopped": K, "resumed": 2 * K}[mode]
     cli = build_cli(args, args.worker, root, steps_total)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    recorder = Recorder(args.warmup if mode == "throughput" else 0)
-    trainer.callbacks.append(recorder)
-    ckpt_in = str(root.parent / "stopped.ckpt") if mode == "resumed" else None
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_in)
-    out: dict[str, Any] = {"strategy": args.worker, "mode": mode, "world_size": trainer.world_size}
-    cuda = model.device.type == "cuda"
-    out["peak_gib_per_rank"] = gather(trainer, torch.cuda.max_memory_allocated(model.device) / 2**30 if cuda else 0)
-    out["samples"] = sum(gather(trainer, recorder.samples))
-    out["elapsed_s"] = max(gather(trainer, recorder.elapsed))
-    out["steps"] = recorder.steps  # this rank's (rank 0 writes)
-    if mode in ("full", "stopped", "resumed"):
-        name = {"full": "full.ckpt", "stopped": "stopped.ckpt", "resumed": "resumed.ckpt"}[mode]
-        trainer.save_checkpoint(str(root.parent / name))
-    if mode in ("full", "resumed"):
-        metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
-        out["val"] = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
-        if mode == "full":  # predictions of the trained (bf16) model for the converter check
-            data.setup("validate")
-            batch = data.dataset("val").get_batch(list(range(256))).to(model.device)
-            model.eval()
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                preds = model.predictions(model(batch)[1])
-            out["predictions"] = {k: v.float().cpu().tolist() for k, v in preds.items()}
-    if trainer.global_rank == 0:
-        Path(args.result).write_text(json.dumps(out))
+    info = {"strategy": args.worker, "mode": mode}
+    if mode == "throughput":
+        trainer.callbacks.append(Recorder(args.warmup, args.result, info))
+    else:
+        save_to = str(root.parent / f"{mode}.ckpt")
+        rows = PREDICT_ROWS if mode in ("full", "resumed") else 0
+        trainer.callbacks.append(Recorder(0, args.result, info, steps_total, save_to, rows))
+    trainer.fit(model, datamodule=data, ckpt_path=str(root.parent / "stopped.ckpt") if mode == "resumed" else None)
 
 
 # ------------------------------------------------------------------------------------------ orchestration
@@ -179,12 +189,14 @@ def run_worker(args: argparse.Namespace, strategy: str, mode: str, run_dir: Path
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    if proc.returncode != 0 or not result.is_file():
+    if not result.is_file():
         tail = (proc.stdout + proc.stderr)[-3000:]
         oom = "out of memory" in tail.lower()
         return {"strategy": strategy, "mode": mode, "status": "oom" if oom else "error", "error": tail, "wall_s": wall}
     out = json.loads(result.read_text())
-    out.update(status="ok", wall_s=wall)
+    out.update(status="ok", wall_s=wall, exit_code=proc.returncode)
+    if proc.returncode != 0:  # the figures were written at the end of training; the process died after it
+        out["note"] = f"exit code {proc.returncode} after training: " + (proc.stdout + proc.stderr)[-300:].strip()
     return out
 
 
@@ -211,9 +223,20 @@ def count_flops_per_sample(args: argparse.Namespace) -> float | None:
         return counter.get_total_flops() / batch.batch_size
 
 
-def max_abs_diff(a: dict[str, float], b: dict[str, float]) -> float:
-    keys = sorted(set(a) & set(b))
-    return max((abs(a[k] - b[k]) for k in keys), default=float("nan"))
+def val_aucs(args: argparse.Namespace, predictions: dict[str, list[float]]) -> dict[str, float]:
+    """AUC of each binary task's predictions on the first validation rows (`PREDICT_ROWS`)."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = build_cli(argparse.Namespace(**{**vars(args), "accelerator": "cpu"}), "ddp", Path(tmp), 1)
+    data = cli.datamodule
+    data.setup("validate")
+    batch = data.dataset("val").get_batch(list(range(PREDICT_ROWS)))
+    out = {}
+    for task in cli.model.tasks:
+        if task.kind == "binary" and task.name in predictions:
+            out[task.name] = float(binary_auroc(torch.tensor(predictions[task.name]), batch.labels[task.label].long()))
+    return out
 
 
 def converter_check(args: argparse.Namespace, base: Path, full: dict[str, Any]) -> dict[str, Any]:
@@ -230,10 +253,10 @@ def converter_check(args: argparse.Namespace, base: Path, full: dict[str, Any]) 
     model.eval()
     data.prepare_data()
     data.setup("validate")
-    batch = data.dataset("val").get_batch(list(range(256)))
+    batch = data.dataset("val").get_batch(list(range(512)))
     with torch.no_grad():
         preds = {k: v.tolist() for k, v in model.predictions(model(batch)[1]).items()}
-    diffs = {k: max(abs(x - y) for x, y in zip(preds[k], full["predictions"][k], strict=True)) for k in preds}
+    diffs = {k: max(abs(x - y) for x, y in zip(preds[k], full["predictions"][k][:512], strict=True)) for k in preds}
     return {
         "source": str(src),
         "format": exported["mtrank_converted_from"]["format"],
@@ -274,9 +297,12 @@ def resume_check(args: argparse.Namespace, strategy: str, base: Path) -> dict[st
         "total_steps": 2 * K,
         "batches_after_stop_identical": after_a == after_c and len(after_a) == K,
         "batches_before_stop_identical": [s for s in full["steps"] if s[0] < K] == stopped["steps"],
-        "val_full": full["val"],
-        "val_resumed": resumed["val"],
-        "max_abs_val_metric_diff": max_abs_diff(full["val"], resumed["val"]),
+        "val_auc_full": val_aucs(args, full["predictions"]),
+        "val_auc_resumed": val_aucs(args, resumed["predictions"]),
+        "max_abs_val_prediction_diff": max(
+            max(abs(x - y) for x, y in zip(full["predictions"][k], resumed["predictions"][k], strict=True))
+            for k in full["predictions"]
+        ),
         "max_abs_weight_diff": weights_diff(base),
         "converter": converter_check(args, base, full),
     }
@@ -364,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         res = report["resume"]
         print(
             f"\nresume check ({res['strategy']}):",
-            json.dumps({k: v for k, v in res.items() if k.startswith(("batches", "max", "status", "stop"))}),
+            json.dumps({k: v for k, v in res.items() if k.startswith(("batches", "max", "status", "stop", "val"))}),
         )
         if "converter" in res:
             print("converter:", json.dumps(res["converter"]))

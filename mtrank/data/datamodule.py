@@ -8,16 +8,39 @@ with `mtrank.data.synth.generate`. `setup` runs the schema check (``validate``) 
 With ``length_sampling`` set, the training loader instead takes a `BalancedLengthSampler`:
 stochastic history lengths in token-balanced batches (`mtrank.data.lengths`); evaluation never cuts.
 Lightning must run with ``use_distributed_sampler=False`` (the mtrank CLI sets it).
+
+Resuming mid-epoch (``trainer.fit(..., ckpt_path=...)``): Lightning stores `state_dict` in the
+checkpoint under ``RankingDataModule`` and hands it back through `load_state_dict` before it asks
+for the training loader. The data position comes from the trainer's counters, not from the loader
+(the prefetch thread, worker processes and Lightning's fetcher all run ahead of the training step):
+the epoch and the number of training batches whose step has run in it. `train_dataloader` then
+builds the training sampler (`ShardedBatchSampler` or `BalancedLengthSampler`) already positioned:
+its first iteration runs the rest of that epoch, from that batch, and later epochs start at batch
+0. So a run stopped and resumed from a checkpoint sees exactly the batches of an uninterrupted run
+(the model's RNG states are restored by `RankingModule`, `mtrank.resume`). Resuming mid-epoch with
+another world size, seed, batch size or length sampling raises a ValueError (the rest of the epoch
+cannot be the uninterrupted run's); at an epoch boundary a change only logs a warning. Save during
+training (``ModelCheckpoint``: every n steps, on validation or epoch end) to resume exactly: after
+``fit`` stopped at ``max_steps`` mid-epoch, Lightning's loop counts that epoch as finished, so a
+checkpoint written then resumes (as Lightning does) in the next epoch, at the same batch.
+
+Every loader draws the base seed of its workers from its own generator, seeded by ``seed``, not
+from torch's global generator: iterating a loader (validation, a resume) never shifts the global
+random stream that dropout draws from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from mtrank.data.dataset import HistoryDataset, ShardedBatchSampler, make_loader
@@ -57,6 +80,9 @@ class RankingDataModule(L.LightningDataModule):
             number of behaviours, batches are token-balanced across steps and ranks
             (`BalancedLengthSampler`) and padded to their longest history rounded up to a multiple
             of 8. Val/test/predict never cut. Default None: full histories, width ``features.max_len``.
+
+    Checkpoints: `state_dict` / `load_state_dict` carry the training data position (see the module
+    docstring); a resumed ``fit`` continues at the batch after the last one trained.
     """
 
     def __init__(
@@ -103,6 +129,7 @@ class RankingDataModule(L.LightningDataModule):
         self.datasets: dict[str, HistoryDataset] = {}
         self.samplers: dict[str, ShardedBatchSampler] = {}
         self._checked: set[str] = set()
+        self._resume: dict[str, Any] | None = None  # from `load_state_dict`, applied by the next `train_dataloader`
 
     def path(self, split: str) -> Path | None:
         """The file of ``split`` (``users``, ``train``, ``val``, ``test``, ``predict``), or None."""
@@ -182,12 +209,124 @@ class RankingDataModule(L.LightningDataModule):
                 len(ds), self.batch_size if shuffle else self.eval_batch_size, shuffle=shuffle, seed=self.seed
             )
         self.samplers[split] = sampler
-        return make_loader(
+        loader = make_loader(
             ds, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch=self.prefetch
         )
+        # the workers' base seed comes from this generator, not torch's global one (whose stream dropout uses)
+        loader.generator = torch.Generator().manual_seed(self.seed)
+        return loader
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """The training loader, its sampler positioned where training resumes (or at the trainer's epoch).
+
+        After `load_state_dict`, the first iteration runs epoch ``state["epoch"]`` from batch
+        ``state["batches"]``; later epochs start at batch 0. Without a state, the sampler is set to
+        the trainer's current epoch, so the prefetch thread or the workers (started by Lightning's
+        ``iter()`` before it calls ``set_epoch``) never begin an epoch with another's order.
+
+        Raises:
+            ValueError: the state is mid-epoch and was saved with another world size, seed, batch
+                size or length sampling.
+        """
+        loader = self._loader("train", shuffle=True)
+        sampler = self.samplers["train"]
+        state, self._resume = self._resume, None
+        if state is None:
+            trainer = self.trainer
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0)
+            return loader
+        self._check_resume(state, sampler)
+        sampler.load_state_dict({"epoch": state["epoch"], "batches_consumed": state["batches"], "seed": self.seed})
+        if state["batches"]:
+            log.info("resuming training data at epoch %d, batch %d", state["epoch"], state["batches"])
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position, for checkpoints (Lightning stores it under ``RankingDataModule``).
+
+        Keys:
+            epoch: the epoch training resumes in: the one Lightning's loop passes to ``set_epoch`` on
+                resume (``fit_loop.epoch_progress.current.processed``, plus one when that epoch's
+                last batch has run but its loop has not ended yet).
+            batches: training batches of that epoch whose step has run
+                (``fit_loop.epoch_loop.batch_progress.current.processed``: batches, not optimizer
+                steps, under ``accumulate_grad_batches``); 0 when the epoch is complete.
+            seed, world_size, batch_size, length_sampling: the settings the sample order depends on
+                (``length_sampling`` as a dict, or None).
+            accumulate_grad_batches: the trainer's, to warn on a resume inside an accumulation.
+
+        Empty without a trainer (nothing to resume).
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        epochs = trainer.fit_loop.epoch_progress.current
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        # `processed` is increased right after the training step, before on_train_batch_end: it counts the
+        # batch of a checkpoint saved there (`completed` does not yet), on_validation_end or on_train_epoch_end.
+        batches = progress.current.processed
+        # `epochs.processed` is increased when an epoch's loop ends, before on_train_epoch_end (also when
+        # max_steps cut it: Lightning then counts the epoch as done and resumes the next one at this batch)
+        epoch = epochs.processed
+        running = epochs.started > epochs.processed  # inside the loop of epoch `epochs.processed`
+        complete = batches >= trainer.num_training_batches or (
+            progress.is_last_batch and batches == progress.current.ready
+        )
+        if batches and complete:
+            epoch, batches = epoch + int(running), 0
+        sampler = self.samplers.get("train")
+        return {
+            "epoch": int(epoch),
+            "batches": int(batches),
+            "seed": int(self.seed),
+            "world_size": int(sampler.world_size if sampler is not None else trainer.world_size),
+            "batch_size": int(self.batch_size),
+            "length_sampling": _as_dict(self.length_sampling),
+            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a `state_dict` for the next `train_dataloader` (Lightning calls this before it asks for the loader).
+
+        Ignored when the attached trainer is not fitting (validate/test/predict from a checkpoint), so a
+        later fresh ``fit`` does not start at that position.
+        """
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._resume = dict(state_dict) if state_dict else None
+
+    def _check_resume(self, state: dict[str, Any], sampler: ShardedBatchSampler) -> None:
+        """Raise (mid-epoch) or warn (at an epoch boundary) when the sample order cannot be the saved run's."""
+        now = {
+            "world_size": (sampler.world_size, "the world size (trainer devices x num_nodes)"),
+            "seed": (self.seed, "data.seed"),
+            "batch_size": (self.batch_size, "data.batch_size"),
+            "length_sampling": (_as_dict(self.length_sampling), "data.length_sampling"),
+        }
+        changed = [
+            f"{name} {state[key]!r} in the checkpoint, {value!r} now"
+            for key, (value, name) in now.items()
+            if key in state and state[key] != value
+        ]
+        if changed:
+            where = f"epoch {state['epoch']}, batch {state['batches']}"
+            if state["batches"]:
+                raise ValueError(
+                    f"cannot resume the training data mid-epoch ({where}): {'; '.join(changed)}. With another "
+                    "setting the rest of the epoch is another set of samples (some would repeat, others be "
+                    "skipped); resume with the checkpoint's setting, or from a checkpoint saved at the end of an "
+                    "epoch"
+                )
+            log.warning("resuming the training data at %s with %s: the sample order differs", where, "; ".join(changed))
+        accumulate = int(state.get("accumulate_grad_batches", 1))
+        if accumulate > 1 and state["batches"] % accumulate:
+            log.warning(
+                "the checkpoint was saved %d batches into an accumulation of %d (epoch %d, batch %d): the "
+                "accumulated gradients are not in checkpoints, so the next optimizer step sees only the "
+                "batches after it",
+                state["batches"] % accumulate, accumulate, state["epoch"], state["batches"],
+            )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
@@ -197,3 +336,8 @@ class RankingDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", shuffle=False)
+
+
+def _as_dict(sampling: LengthSampling | None) -> dict[str, Any] | None:
+    """``sampling`` as a plain dict (checkpoint-safe), or None."""
+    return None if sampling is None else dataclasses.asdict(sampling)
