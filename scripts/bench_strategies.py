@@ -32,7 +32,9 @@ What it does:
 - **Resume check** (``--resume-check zero2``): run A trains 2K steps without stopping; run B trains K steps
   (mid-epoch) and saves a checkpoint; run C resumes from it to 2K steps. Reported: whether C's training
   batches after the stop are exactly A's (sample indices), the largest difference of C's and A's validation
-  metrics, and of their float32 weights (both converted from their ZeRO folders).
+  predictions and AUCs on validation rows, and of their float32 weights (both converted from their ZeRO folders);
+  beside them the same differences between A and a second uninterrupted run A' (the noise floor: CUDA's atomic
+  adds in embedding and bias-table backward passes make two identical runs differ by float rounding).
 - **Converter**: A's ZeRO checkpoint folder converted with `mtrank.convert.convert_checkpoint`, loaded into a
   fresh `RankingModule` on the CPU in float32, and its predictions on validation batches compared with
   A's own (bf16 weights, on the GPU).
@@ -163,7 +165,7 @@ def gather(trainer: L.Trainer, value: float) -> list[float]:
 def worker(args: argparse.Namespace) -> None:
     """One training run of ``args.worker`` (a strategy name) in ``args.mode``; rank 0 writes ``args.result``."""
     root, mode, K = Path(args.run_dir), args.mode, args.resume_steps
-    steps_total = {"throughput": args.warmup + args.steps, "full": 2 * K, "stopped": K, "resumed": 2 * K}[mode]
+    steps_total = {"throughput": args.warmup + args.steps, "stopped": K}.get(mode, 2 * K)  # full, resumed, again
     cli = build_cli(args, args.worker, root, steps_total)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     info = {"strategy": args.worker, "mode": mode}
@@ -171,7 +173,7 @@ def worker(args: argparse.Namespace) -> None:
         trainer.callbacks.append(Recorder(args.warmup, args.result, info))
     else:
         save_to = str(root.parent / f"{mode}.ckpt")
-        rows = PREDICT_ROWS if mode in ("full", "resumed") else 0
+        rows = PREDICT_ROWS if mode != "stopped" else 0
         trainer.callbacks.append(Recorder(0, args.result, info, steps_total, save_to, rows))
     trainer.fit(model, datamodule=data, ckpt_path=str(root.parent / "stopped.ckpt") if mode == "resumed" else None)
 
@@ -267,19 +269,28 @@ def converter_check(args: argparse.Namespace, base: Path, full: dict[str, Any]) 
     }
 
 
-def weights_diff(base: Path) -> float:
+def weights_diff(base: Path, other: str) -> float:
+    """Largest |difference| of A's float32 weights and run ``other``'s (both converted from their checkpoints)."""
     from mtrank.convert import convert_checkpoint
 
     a = convert_checkpoint(base / "full.ckpt", base / "full_fp32.ckpt")["state_dict"]
-    c = convert_checkpoint(base / "resumed.ckpt", base / "resumed_fp32.ckpt")["state_dict"]
-    return max(float((a[k].float() - c[k].float()).abs().max()) for k in a if a[k].is_floating_point())
+    c = convert_checkpoint(base / f"{other}.ckpt", base / f"{other}_fp32.ckpt")["state_dict"]
+    return max(float((a[k].detach() - c[k].detach()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+def prediction_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Largest |difference| of two runs' validation predictions, over tasks and rows."""
+    return max(
+        max(abs(x - y) for x, y in zip(a["predictions"][k], b["predictions"][k], strict=True)) for k in a["predictions"]
+    )
 
 
 def resume_check(args: argparse.Namespace, strategy: str, base: Path) -> dict[str, Any]:
     full = run_worker(args, strategy, "full", base / "full")
     stopped = run_worker(args, strategy, "stopped", base / "stopped")
     resumed = run_worker(args, strategy, "resumed", base / "resumed")
-    runs = {"full": full, "stopped": stopped, "resumed": resumed}
+    again = run_worker(args, strategy, "again", base / "again")  # A once more: the run-to-run noise floor
+    runs = {"full": full, "stopped": stopped, "resumed": resumed, "again": again}
     bad = {k: v for k, v in runs.items() if v["status"] != "ok"}
     if bad:
         return {
@@ -299,11 +310,11 @@ def resume_check(args: argparse.Namespace, strategy: str, base: Path) -> dict[st
         "batches_before_stop_identical": [s for s in full["steps"] if s[0] < K] == stopped["steps"],
         "val_auc_full": val_aucs(args, full["predictions"]),
         "val_auc_resumed": val_aucs(args, resumed["predictions"]),
-        "max_abs_val_prediction_diff": max(
-            max(abs(x - y) for x, y in zip(full["predictions"][k], resumed["predictions"][k], strict=True))
-            for k in full["predictions"]
-        ),
-        "max_abs_weight_diff": weights_diff(base),
+        "max_abs_val_prediction_diff": prediction_diff(full, resumed),
+        "max_abs_weight_diff": weights_diff(base, "resumed"),
+        "noise_floor_max_abs_val_prediction_diff": prediction_diff(full, again),
+        "noise_floor_max_abs_weight_diff": weights_diff(base, "again"),
+        "batches_of_again_identical": again["steps"] == full["steps"],
         "converter": converter_check(args, base, full),
     }
     return out
@@ -390,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         res = report["resume"]
         print(
             f"\nresume check ({res['strategy']}):",
-            json.dumps({k: v for k, v in res.items() if k.startswith(("batches", "max", "status", "stop", "val"))}),
+            json.dumps(
+                {k: v for k, v in res.items() if k.startswith(("batches", "max", "noise", "status", "stop", "val"))}
+            ),
         )
         if "converter" in res:
             print("converter:", json.dumps(res["converter"]))
