@@ -165,6 +165,9 @@ def gather(trainer: L.Trainer, value: float) -> list[float]:
 def worker(args: argparse.Namespace) -> None:
     """One training run of ``args.worker`` (a strategy name) in ``args.mode``; rank 0 writes ``args.result``."""
     root, mode, K = Path(args.run_dir), args.mode, args.resume_steps
+    if mode == "flops":  # in its own process, so that its GPU memory is gone before the timed runs
+        Path(args.result).write_text(json.dumps({"flops_per_sample": count_flops_per_sample(args)}))
+        return
     steps_total = {"throughput": args.warmup + args.steps, "stopped": K}.get(mode, 2 * K)  # full, resumed, again
     cli = build_cli(args, args.worker, root, steps_total)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
@@ -356,7 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else platform.processor() or "cpu"
     peak = peak_flops(device) if args.accelerator == "gpu" else None
     print(f"device: {args.devices} x {device}; torch {torch.__version__}; config {args.config}", flush=True)
-    flops = count_flops_per_sample(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        counted = run_worker(args, "ddp", "flops", Path(tmp) / "flops")
+    if counted["status"] != "ok":
+        print(f"counting FLOPs failed:\n{counted['error']}", file=sys.stderr)
+        return 1
+    flops = counted["flops_per_sample"]
     print(f"model FLOPs per training sample: {flops / 1e9:.2f} GFLOP", flush=True)
     report: dict[str, Any] = {
         "device": device,
