@@ -309,3 +309,46 @@ def test_prefetch_thread_raises_the_loaders_error_in_the_consumer(small_synth) -
     assert next(iterator).batch_size == 2
     with pytest.raises(IndexError, match="out of range"):
         next(iterator)
+
+
+def test_prefetch_threads_are_stopped_and_joined_at_exit() -> None:
+    """An abandoned prefetching iterator (max_steps ends the epoch early) leaves a thread building batches;
+    the exit handler stops and joins it, so the interpreter never tears it down inside C++ code."""
+    import time
+
+    from mtrank.data.dataset import _LIVE_THREADS, _ThreadPrefetcher, stop_prefetch_threads
+
+    def endless():
+        while True:
+            time.sleep(0.001)
+            yield torch.ones(4).sum()
+
+    prefetcher = _ThreadPrefetcher(endless(), depth=2)
+    assert next(prefetcher) == 4
+    thread = prefetcher._thread
+    assert thread.is_alive() and thread in _LIVE_THREADS
+    assert stop_prefetch_threads(timeout=5) == 0
+    assert not thread.is_alive() and thread not in _LIVE_THREADS
+
+
+def test_a_script_that_abandons_a_prefetcher_exits_cleanly(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "abandon.py"
+    script.write_text(
+        "import time, torch\n"
+        "from mtrank.data.dataset import _ThreadPrefetcher\n"
+        "def endless():\n"
+        "    while True:\n"
+        "        yield torch.randn(256, 256) @ torch.randn(256, 256)\n"
+        "p = _ThreadPrefetcher(endless(), depth=1)\n"
+        "next(p)\n"
+        "time.sleep(0.05)\n"
+        "print('done')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]

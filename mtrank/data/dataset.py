@@ -32,6 +32,7 @@ padded width shrinks to its longest history rounded up to a multiple of 8 (`padd
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -595,6 +596,7 @@ class _ThreadPrefetcher:
         self._thread = threading.Thread(
             target=_prefetch, args=(source, self._queue, self._stop), name="mtrank-prefetch", daemon=True
         )
+        _LIVE_THREADS[self._thread] = self._stop
         self._thread.start()
 
     def __iter__(self) -> _ThreadPrefetcher:
@@ -624,6 +626,20 @@ class _ThreadPrefetcher:
 
 
 _DONE = object()
+#: running prefetch threads -> their stop flags (a thread removes itself when it ends)
+_LIVE_THREADS: dict[threading.Thread, threading.Event] = {}
+
+
+@atexit.register
+def stop_prefetch_threads(timeout: float = 10.0) -> int:
+    """Stop every running prefetch thread and wait for it (at most ``timeout`` seconds each); returns how many
+    were still alive afterwards. Runs at interpreter exit: a daemon thread still building a batch in C++ code
+    when Python finalises is torn down mid-call, which aborts the process ("terminate called without an active
+    exception", exit code -6) after training has finished, e.g. when ``max_steps`` ends an epoch early."""
+    for thread, stop in list(_LIVE_THREADS.items()):
+        stop.set()
+        thread.join(timeout)
+    return sum(thread.is_alive() for thread in list(_LIVE_THREADS))
 
 
 def _prefetch(source: Iterator[Any], out: queue.Queue, stop: threading.Event) -> None:
@@ -645,6 +661,8 @@ def _prefetch(source: Iterator[Any], out: queue.Queue, stop: threading.Event) ->
         put((_DONE, None))
     except BaseException as error:  # handed to the consumer, raised there
         put((_DONE, error))
+    finally:
+        _LIVE_THREADS.pop(threading.current_thread(), None)
 
 
 def make_loader(
