@@ -149,6 +149,8 @@ def build_cli(args: argparse.Namespace, strategy: str, root: Path, max_steps: in
         cli_args += ["--data.batch_size", str(args.batch_size)]
     if args.num_items:
         cli_args += ["--model.features.num_items", str(args.num_items)]
+    if args.data_dir:
+        cli_args += ["--data.data_dir", str(args.data_dir)]
     cli_args += list(extra or [])
     return MTRankCLI(
         RankingModule, RankingDataModule, run=False, args=cli_args, trainer_defaults=TRAINER_DEFAULTS,
@@ -189,7 +191,18 @@ def run_worker(args: argparse.Namespace, strategy: str, mode: str, run_dir: Path
     result = run_dir / "result.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", strategy, "--mode", mode]
     cmd += ["--run-dir", str(run_dir), "--result", str(result)]
-    for flag in ("config", "accelerator", "devices", "steps", "warmup", "batch_size", "num_items", "resume_steps"):
+    flags = (
+        "config",
+        "accelerator",
+        "devices",
+        "steps",
+        "warmup",
+        "batch_size",
+        "num_items",
+        "resume_steps",
+        "data_dir",
+    )
+    for flag in flags:
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -337,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=0, help="per-rank batch (0: the config's)")
     parser.add_argument("--num-items", type=int, default=0, help="item-id table rows (0: the config's)")
+    parser.add_argument("--data-dir", default="", help="the data set's folder (default: the config's data.data_dir)")
     parser.add_argument("--resume-check", default="zero2", help="strategy of the resume check, or none")
     parser.add_argument("--resume-steps", type=int, default=30, help="K: stop after K steps, resume to 2K")
     parser.add_argument("--out", type=Path, default=Path("bench_strategies.json"))

@@ -114,3 +114,27 @@ def test_bench_kernels_e2e_cpu_smoke(tmp_path: Path) -> None:
         assert r["speedup_vs_reference"] > 0
     assert rows["ULTRA-HSTU", 32, "reference"]["encoder_init_args"]["tail_len"] == 32  # long_sequence_settings
     assert code == 0
+
+
+@pytest.mark.slow
+def test_bench_strategies_cpu_smoke_with_an_exact_resume_check(tmp_path: Path) -> None:
+    """DDP with one CPU process (DeepSpeed needs CUDA): a throughput row, and the resume check, whose resumed
+    run sees exactly the uninterrupted run's batches and ends with identical weights and predictions."""
+    out = tmp_path / "strategies.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_strategies.py"), "--accelerator", "cpu"]
+    cmd += ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--data-dir", str(tmp_path / "data")]
+    cmd += ["--strategies", "ddp", "--steps", "1", "--warmup", "1", "--batch-size", "32"]
+    cmd += ["--resume-check", "ddp", "--resume-steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["flops_per_sample"] > 0 and report["devices"] == 1
+    (row,) = report["rows"]
+    assert row["status"] == "ok" and row["samples_per_s"] > 0 and row["exit_code"] == 0
+    resume = report["resume"]
+    assert (
+        resume["status"] == "ok" and resume["batches_after_stop_identical"] and resume["batches_before_stop_identical"]
+    )
+    assert resume["max_abs_weight_diff"] == 0 and resume["max_abs_val_prediction_diff"] == 0
+    assert resume["converter"]["format"] == "file" and resume["converter"]["tensors"] > 0
+    assert "| ddp |" in proc.stdout
