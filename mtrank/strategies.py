@@ -1,7 +1,8 @@
 """Strategy settings mtrank fills in before DeepSpeed starts, and the strategy files it ships.
 
-``configs/strategies/`` holds one file per strategy (DDP; DeepSpeed ZeRO stage 1, 2, 3; stage 2 and 3 with CPU
-offload), each added to a model config with a second ``--config``; Lightning's registry names work as well
+``configs/strategies/`` holds one file per strategy (DDP; DeepSpeed ZeRO stage 1, 2, 3, each also with the
+optimiser state offloaded to CPU memory, stage 3 with the weights too), each added to a model config with a
+second ``--config``; Lightning's registry names work as well
 (``--trainer.strategy deepspeed_stage_3``). Whichever way the strategy comes, `prepare_strategy` (called by
 `RankingModule.setup`, before the strategy sets DeepSpeed up) completes its config:
 

@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
+STRATEGIES = ("ddp", "zero1", "zero1_offload", "zero2", "zero2_offload", "zero3", "zero3_offload")
 #: dense bf16 tensor-core peak, FLOP/s, by a substring of the device name (None: MFU not reported)
 PREDICT_ROWS = 2048  # validation samples predicted by the resume check's runs
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}

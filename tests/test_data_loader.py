@@ -332,6 +332,8 @@ def test_prefetch_threads_are_stopped_and_joined_at_exit() -> None:
 
 
 def test_a_script_that_abandons_a_prefetcher_exits_cleanly(tmp_path: Path) -> None:
+    """Without the exit handler this script aborts (exit code -6, "terminate called without an active
+    exception"): the thread is inside a matrix product when Python finalises."""
     import os
     import subprocess
     import sys
@@ -342,8 +344,8 @@ def test_a_script_that_abandons_a_prefetcher_exits_cleanly(tmp_path: Path) -> No
         "from mtrank.data.dataset import _ThreadPrefetcher\n"
         "def endless():\n"
         "    while True:\n"
-        "        yield torch.randn(256, 256) @ torch.randn(256, 256)\n"
-        "p = _ThreadPrefetcher(endless(), depth=1)\n"
+        "        yield torch.randn(1024, 1024) @ torch.randn(1024, 1024)\n"  # the thread stays busy in C++
+        "p = _ThreadPrefetcher(endless(), depth=1000)\n"
         "next(p)\n"
         "time.sleep(0.05)\n"
         "print('done')\n"

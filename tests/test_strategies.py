@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {  # file -> (class, ZeRO stage (-1: not DeepSpeed), optimiser offload, parameter offload)
     "ddp": (DDPStrategy, -1, False, False),
     "zero1": (DeepSpeedStrategy, 1, False, False),
+    "zero1_offload": (DeepSpeedStrategy, 1, True, False),
     "zero2": (DeepSpeedStrategy, 2, False, False),
     "zero2_offload": (DeepSpeedStrategy, 2, True, False),
     "zero3": (DeepSpeedStrategy, 3, False, False),
