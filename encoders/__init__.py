@@ -1,7 +1,9 @@
 """Sequence encoders: `HSTUEncoder` (HSTU, arXiv 2402.17152), `LongerEncoder` (LONGER, arXiv 2505.04421) and
-`UltraHSTUEncoder` (ULTRA-HSTU, arXiv 2602.16986) on top of the shared `FeatureEmbeddings`."""
+`UltraHSTUEncoder` (ULTRA-HSTU, arXiv 2602.16986) on top of the shared `FeatureEmbeddings`, and the baselines
+`NoHistoryEncoder` (no history) and `MeanPoolEncoder` (mean-pooled history)."""
 
 from encoders.base import EncoderOutput, SequenceEncoder
+from encoders.baselines import MeanPoolEncoder, NoHistoryEncoder
 from encoders.embeddings import FeatureEmbeddings, symlog
 from encoders.hstu import (
     HSTU_ATTENTION_KERNELS,
@@ -34,6 +36,8 @@ __all__ = [
     "LongerBlock",
     "LongerEncoder",
     "LongerSequenceCache",
+    "MeanPoolEncoder",
+    "NoHistoryEncoder",
     "RelativeAttentionBias",
     "SequenceEncoder",
     "TransducerStream",
