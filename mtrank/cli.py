@@ -2,6 +2,7 @@
 
     mtrank fit|validate|test|predict --config FILE [--section.key value ...]
     mtrank synth --out DIR [--num-users N ...]
+    mtrank prepare movielens|kuairand --src DIR --out DIR   (`mtrank.data.prepare`: public data -> tables)
     mtrank convert-checkpoint SRC DST       (`mtrank.convert`: ZeRO folder or file -> one fp32 file)
 
 ``fit`` … ``predict`` are Lightning's CLI (jsonargparse): every encoder, head, task, optimiser,
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from mtrank.data.synth import main as synth_main
 
         return synth_main(args[1:])
+    if args and args[0] == "prepare":
+        from mtrank.data.prepare import main as prepare_main
+
+        return prepare_main(args[1:])
     if args and args[0] == "convert-checkpoint":
         from mtrank.convert import main as convert_main
 
