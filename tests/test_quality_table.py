@@ -82,3 +82,22 @@ def test_quality_table_trains_tests_and_tabulates(tmp_path: Path, capsys: pytest
     text = capsys.readouterr().out
     assert "seeds [0, 1, 3]" in text and "| mean-pool |" in text and "| HSTU/HoME+FRec |" in text
     assert len(json.loads(merged.read_text())["runs"]) == 5
+
+
+def test_split_stats_counts_cold_users_and_scores_the_label_rate(tmp_path: Path) -> None:
+    write_ml100k(tmp_path / "src", users=40, items=30)
+    prepare_movielens(tmp_path / "src", tmp_path / "data")
+    spec = importlib.util.spec_from_file_location("split_stats", ROOT / "scripts" / "split_stats.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "stats.json"
+    assert script.main(["--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
+    stats = json.loads(out.read_text())
+    import pyarrow.parquet as pq
+
+    train = set(pq.read_table(tmp_path / "data" / "train.parquet").column("user_id").to_pylist())
+    test = pq.read_table(tmp_path / "data" / "test.parquet").column("user_id").to_pylist()
+    assert stats["samples"] == len(test)
+    assert math.isclose(stats["samples_of_users_with_training_samples"], sum(u in train for u in test) / len(test))
+    assert set(stats["tasks"]) == {"like", "love", "dislike"}
+    assert all(0 <= m["auc"] <= 1 for m in stats["tasks"].values())
