@@ -21,7 +21,9 @@ so history token ``i`` attends to behaviours ``0..i`` only (causal; never to the
 index is ``history_len > i``), the candidate attends to the whole valid history and to itself
 (a row with an empty history: to itself only), and padded queries attend to nothing and are zeroed.
 The history states are therefore independent of the candidate, which is what lets a serving system
-cache the user prefix and score many candidates against it.
+cache the user prefix and score many candidates against it: `HSTUEncoder.encode_user_prefix` runs the
+history once per user and keeps each layer's keys/values, `HSTUEncoder.forward_candidates` then runs only the
+candidate tokens through the layers against them (`mtrank.serve` scores a request's candidates this way).
 
 The attention runs either as the dense reference `hstu_attention` or as the fused Triton kernel
 `encoders.kernels.hstu_attention.hstu_mha` (``kernel``: ``auto`` picks the kernel on CUDA), which
@@ -316,6 +318,78 @@ class HSTULayer(nn.Module):
         y = self.f2(self.dropout(self.norm_av(av) * u)) + x  # (B, N, D)
         return y * valid.unsqueeze(-1).to(y.dtype)
 
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``SiLU(f1(Norm(x)))`` split, as in `forward`: (..., D) tokens -> ``u`` (..., H·d_v), ``v`` (..., H, d_v),
+        ``q`` (..., H, d_qk), ``k`` (..., H, d_qk) (views of one tensor)."""
+        H, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
+        uvqk = F.silu(self.f1(self.norm_x(x)))
+        u, v, q, k = uvqk.split([H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        return u, v.unflatten(-1, (H, dv)), q.unflatten(-1, (H, dqk)), k.unflatten(-1, (H, dqk))
+
+    def forward_targets(
+        self, x: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor, bias: Tensor | None, n: Tensor
+    ) -> Tensor:
+        """Target tokens against a cached prefix (serving; `HSTUEncoder.forward_candidates`): (B, C, D) -> (B, C, D).
+
+        Each of the C target tokens of row b is a query that attends to row b's valid prefix keys and to
+        itself, never to another target: exactly what the candidate token computes in `forward` (reference
+        attention), with the prefix's keys/values computed once per row instead of once per candidate.
+
+        Args:
+            x: (B, C, D) target tokens (this layer's input).
+            keys: (B, H, L, d_qk) this layer's keys of the prefix tokens.
+            values: (B, H, L, d_v) this layer's values of the prefix tokens.
+            key_mask: (B, L) bool valid prefix keys.
+            bias: (B, H, 1 or C, L + 1) relative attention bias of a target to each prefix key and, in the
+                last column, to itself; or None.
+            n: (B,) float normaliser of each row's attention.
+        """
+        B, C, _ = x.shape
+        u, v, q, k = self.project(x)  # (B, C, H·dv), (B, C, H, dv), (B, C, H, dqk) x 2
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, C, d)
+        alpha = 1.0 / math.sqrt(self.attention_dim)
+        scores = alpha * torch.matmul(q, keys.transpose(-1, -2))  # (B, H, C, L)
+        own = alpha * (q * k).sum(-1, keepdim=True)  # (B, H, C, 1): each target's score on its own key
+        if bias is not None:
+            scores, own = scores + bias[..., :-1], own + bias[..., -1:]
+        scale = n.to(scores.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+        attn = F.silu(scores) * key_mask[:, None, None, :] / scale  # (B, H, C, L)
+        av = torch.matmul(attn.to(values.dtype), values) + (F.silu(own) / scale).to(v.dtype) * v  # (B, H, C, dv)
+        av = av.transpose(1, 2).reshape(B, C, self.num_heads * self.linear_dim)
+        return self.f2(self.dropout(self.norm_av(av) * u)) + x
+
+
+# ------------------------------------------------------------------------------------------ serving cache
+
+
+class HSTUPrefixCache(NamedTuple):
+    """The candidate-free part of HSTU for a batch of users (`HSTUEncoder.encode_user_prefix`).
+
+    Causal attention with the candidate after the history makes every history state independent of the
+    candidate, so per layer the history's keys and values, and the candidate's relative bias to each history
+    position (it depends only on the distance ``history_len - j`` and the age ``ts - history_ts[j]``), are
+    computed once per user and reused for every candidate (`HSTUEncoder.forward_candidates`).
+
+    Attributes:
+        keys: per layer, (B, H, L, d_qk) the keys of the history tokens (that layer's input).
+        values: per layer, (B, H, L, d_v) their values.
+        bias: per layer, (B, H, 1, L + 1) the relative attention bias of the candidate (at index
+            ``history_len``, time ``ts``) to each history position and, in the last column, to itself;
+            None when the layers have no relative bias.
+        key_mask: (B, L) bool valid history positions.
+        n: (B,) float32 the candidate's attention normaliser (``history_len + 1`` or ``max_len + 1``).
+        user: (B, D) the final state of the newest valid behaviour (0 for an empty history), as in `forward`.
+        sequence: (B, L, D) the last layer's history states after the output norm, 0 at padding.
+    """
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    bias: tuple[Tensor | None, ...]
+    key_mask: Tensor
+    n: Tensor
+    user: Tensor
+    sequence: Tensor
+
 
 # ------------------------------------------------------------------------------------------ encoder
 
@@ -466,3 +540,100 @@ class HSTUEncoder(SequenceEncoder):
         u = self.embeddings.user_features(batch)  # (B, D_u)
         target = self.target_mlp(h_c, e_c, u)  # (B, output_dim)
         return EncoderOutput(target=target, user=user, sequence=sequence, mask=history_mask)
+
+    # -------------------------------------------------------------------------------- serving: prefix cache
+
+    def encode_user_prefix(self, batch: Batch) -> HSTUPrefixCache:
+        """The candidate-free part of `forward`, once per user: the history run through every layer.
+
+        Reads only the history columns, ``history_len`` and ``ts`` (the request time, the candidate's time in
+        the time bias), never the candidate. The history tokens are run alone (N = L, causal, with the same
+        position embedding ``history_len - i``, relative bias and normaliser as in `forward`, where no history
+        token attends to the candidate), keeping each layer's keys and values of the history tokens.
+        The attention of this pass uses the encoder's ``kernel`` (the Triton kernel on CUDA under ``auto``).
+
+        Args:
+            batch: B users (one row each); its item fields are not read.
+
+        Returns:
+            `HSTUPrefixCache` with B rows, for `forward_candidates`.
+        """
+        B, L = batch.history_item_id.shape
+        if self.max_len < L:
+            raise ValueError(f"HSTUEncoder: the batch's history width {L} exceeds features.max_len={self.max_len}")
+        history_len = batch.history_len.long()  # (B,)
+        history_mask = batch.history_mask()  # (B, L)
+        x = self.embeddings.history_tokens(batch)  # (B, L, D), 0 at padding
+        index = torch.arange(L, device=x.device)
+        if self.position is not None:
+            to_candidate = (history_len.unsqueeze(1) - index).clamp(0, self.max_len)  # (B, L): newest 1
+            x = x + self.position(to_candidate) * history_mask.unsqueeze(-1).to(x.dtype)
+        x = self.dropout(x)
+        history_ts = batch.history_ts.long()  # (B, L)
+        keys: list[Tensor] = []
+        values: list[Tensor] = []
+        if L > 0:
+            inputs = self.attention_inputs(history_len, history_ts, history_mask)
+        for layer in self.layers:
+            _, v, _, k = layer.project(x)  # (B, L, H, d)
+            keys.append(k.transpose(1, 2))  # (B, H, L, d_qk)
+            values.append(v.transpose(1, 2))  # (B, H, L, d_v)
+            if L > 0:
+                x = layer(x, history_mask, inputs)
+        h = self.norm_out(x) * history_mask.unsqueeze(-1).to(x.dtype)  # (B, L, D)
+        newest = (history_len - 1).clamp(min=0)
+        rows = torch.arange(B, device=h.device)
+        user = h[rows, newest] if L > 0 else h.new_zeros(B, h.shape[-1])
+        user = user * (history_len > 0).unsqueeze(-1).to(h.dtype)  # (B, D)
+
+        # the candidate (index history_len, time ts) to each history key j, then (last column) to itself
+        zero = history_len.new_zeros(B, 1)
+        position_bucket = time_bucket = None
+        if self.num_position_buckets:
+            distance = torch.cat([history_len.unsqueeze(1) - index, zero], dim=1)  # (B, L + 1)
+            position_bucket = bucket_position_distance(distance, self.num_position_buckets, self.max_len)
+            position_bucket = position_bucket.unsqueeze(1)  # (B, 1, L + 1)
+        if self.num_time_buckets:
+            delta = torch.cat([batch.ts.long().unsqueeze(1) - history_ts, zero], dim=1)  # (B, L + 1)
+            time_bucket = bucket_time_delta(delta, self.num_time_buckets).unsqueeze(1)  # (B, 1, L + 1)
+        bias = tuple(layer.rab(position_bucket, time_bucket) for layer in self.layers)  # (B, H, 1, L + 1) or None
+        if self.attention_norm == "max_len":
+            n = torch.full((B,), float(self.max_len + 1), device=h.device)
+        else:
+            n = (history_len + 1).float()
+        return HSTUPrefixCache(tuple(keys), tuple(values), bias, history_mask, n, user, h)
+
+    def forward_candidates(self, batch: Batch, cache: HSTUPrefixCache) -> EncoderOutput:
+        """Score candidates against `encode_user_prefix`'s cache: what `forward` gives for each (user, candidate).
+
+        The rows of ``batch`` are ``B · C`` (user, candidate) pairs, user-major: row ``b · C + c`` is candidate
+        ``c`` of the cache's user ``b``. Per layer, the C candidate tokens of a user attend to that user's cached
+        history keys/values and to themselves (`HSTULayer.forward_targets`, reference attention), with the same
+        position embedding (distance 0), relative bias and normaliser as the candidate token of `forward`.
+
+        Args:
+            batch: ``B · C`` rows; reads the candidate fields (``item_id``, ``item_sparse``, ``item_dense``) and
+                the user fields (``user_id``, ``user_sparse``, ``user_dense``); the history fields are not read.
+            cache: `encode_user_prefix` of the B users.
+
+        Returns:
+            `EncoderOutput` with ``B · C`` rows: ``target`` (B·C, output_dim); ``user`` (B·C, D) the cache's user
+            state of each row's user; ``sequence`` and ``mask`` None (per user in ``cache``, not repeated per row).
+        """
+        B = cache.n.shape[0]
+        rows = batch.batch_size
+        if B == 0 or rows % B:
+            raise ValueError(f"HSTUEncoder.forward_candidates: {rows} batch rows are not a multiple of the cache's {B}")
+        C = rows // B
+        e_c = self.embeddings.candidate_tokens(batch)  # (B·C, D)
+        x = e_c
+        if self.position is not None:
+            x = x + self.position.weight[0].to(x.dtype)  # distance to the candidate: 0
+        x = self.dropout(x).reshape(B, C, -1)
+        for layer, keys, values, bias in zip(self.layers, cache.keys, cache.values, cache.bias, strict=True):
+            x = layer.forward_targets(x, keys, values, cache.key_mask, bias, cache.n)
+        h_c = self.norm_out(x).reshape(rows, -1)  # (B·C, D)
+        u = self.embeddings.user_features(batch)  # (B·C, D_u)
+        target = self.target_mlp(h_c, e_c, u)
+        user = cache.user.unsqueeze(1).expand(B, C, cache.user.shape[-1]).reshape(rows, -1)
+        return EncoderOutput(target=target, user=user, sequence=None, mask=None)
