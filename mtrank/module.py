@@ -70,6 +70,10 @@ class RankingModule(L.LightningModule):
         uplift: builds the uplift branch (`heads.uplift.CDUM`), or None (off).
         exposure_slice: report every task's metrics also on the samples with high recent
             same-category exposure (``<stage>/exposed/<task>/...``, `mtrank.exposure`), or None.
+        predict_cache: in ``predict``, score the rows of one request (same ``request_id``, user and ``ts``)
+            with the user's sequence encoded once (`mtrank.serve.score_rows_by_request`) when the data has a
+            ``request_id`` column, the encoder has a cached path (HSTU, LONGER) and
+            ``features.request_candidates`` is 0; the predictions are those of the plain forward.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class RankingModule(L.LightningModule):
         fatigue: BranchFactory | None = None,
         uplift: BranchFactory | None = None,
         exposure_slice: ExposureSlice | None = None,
+        predict_cache: bool = True,
     ) -> None:
         super().__init__()
         check_tasks(tasks)
@@ -108,6 +113,7 @@ class RankingModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.aux_loss_weight = aux_loss_weight
         self.exposure_slice = exposure_slice
+        self.predict_cache = predict_cache
         self.val_metrics = TaskMetrics(self.tasks, "val")
         self.test_metrics = TaskMetrics(self.tasks, "test")
         self.exposed_metrics = torch.nn.ModuleDict(
@@ -247,12 +253,26 @@ class RankingModule(L.LightningModule):
         Keys: ``sample_index``, ``user_id``, ``item_id``, ``<task>``, ``<branch>_<output>`` (for example
         ``uplift_response_t0``, ``uplift_effect_t1``).
         """
-        _, head_out = self(batch)
         out = {"sample_index": batch.sample_index, "user_id": batch.user_id, "item_id": batch.item_id}
+        if self._predicts_by_request(batch):
+            from mtrank.serve import CandidateScorer, score_rows_by_request
+
+            scorer = CandidateScorer(self, microbatch=max(1024, batch.batch_size), branch_outputs=True)
+            out.update(score_rows_by_request(scorer, batch))
+            return out
+        _, head_out = self(batch)
         out.update(self.predictions(head_out))
         for name, branch_out in head_out.branches.items():
             out.update({f"{name}_{key}": value.float() for key, value in branch_out.outputs.items()})
         return out
+
+    def _predicts_by_request(self, batch: Batch) -> bool:
+        """Whether `predict_step` scores this batch request by request (see ``predict_cache``)."""
+        if not self.predict_cache or batch.request_id is None or self.features.request_candidates > 0:
+            return False
+        from mtrank.serve import scoring_path
+
+        return type(self).forward is RankingModule.forward and scoring_path(self.encoder) != "reencode"
 
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict:

@@ -467,3 +467,69 @@ def _check_candidates(candidates: Candidates, B: int, features: FeatureSpec) -> 
         {n: clean(t) for n, t in candidates.item_dense.items()},
         mask,
     )
+
+
+def score_rows_by_request(scorer: CandidateScorer, batch: Batch) -> dict[str, Tensor]:
+    """Per-row predictions of a flat `Batch` (one row per impression), each request's user sequence encoded once.
+
+    Rows sharing ``request_id``, ``user_id`` and ``ts`` are one request: they share the history (the newest
+    behaviours strictly before ``ts``), so the first of them serves as the request row and all of them as its
+    candidates (`CandidateScorer.score`). This is what ``mtrank predict`` does on request-grouped data
+    (`RankingModule.predict_step`). Rows of one request split across batches are still scored exactly (their
+    user sequence is then encoded once per batch).
+
+    Args:
+        scorer: the scorer (its module's ``features.request_candidates`` must be 0: the loader's request
+            candidate sets come from the whole table, not from one batch).
+        batch: B rows with ``request_id``.
+
+    Returns:
+        task name -> (B,) prediction per row, in row order (plus ``<branch>_<output>`` (B, ...) with the
+        scorer's ``branch_outputs``).
+    """
+    if batch.request_id is None:
+        raise ValueError("score_rows_by_request: the batch has no request_id (the samples table needs the column)")
+    if scorer.module.features.request_candidates > 0:
+        raise ValueError(
+            "score_rows_by_request: features.request_candidates > 0: the loader's request candidate sets span the "
+            "whole table, a batch's rows cannot rebuild them"
+        )
+    B = batch.batch_size
+    key = torch.stack([batch.request_id.long(), batch.user_id.long(), batch.ts.long()], dim=1)  # (B, 3)
+    _, group = torch.unique(key, dim=0, return_inverse=True)  # (B,) request of each row
+    G = int(group.max()) + 1 if B else 0
+    counts = torch.bincount(group, minlength=G)  # (G,)
+    order = torch.argsort(group, stable=True)  # rows grouped, batch order inside a group
+    starts = torch.cumsum(counts, 0) - counts  # (G,)
+    position = torch.empty_like(group)
+    position[order] = torch.arange(B, device=group.device) - starts[group[order]]  # (B,) slot in its request
+    first = order[starts]  # (G,) the first row of every request
+    C = int(counts.max()) if B else 0
+
+    def spread(values: Tensor) -> Tensor:  # (B,) row values -> (G, C), 0 at empty slots
+        out = values.new_zeros((G, C))
+        out[group, position] = values
+        return out
+
+    mask = torch.zeros((G, C), dtype=torch.bool, device=group.device)
+    mask[group, position] = True
+    candidates = Candidates(
+        spread(batch.item_id),
+        {n: spread(t) for n, t in batch.item_sparse.items()},
+        {n: spread(t) for n, t in batch.item_dense.items()},
+        mask,
+    )
+    scores = scorer.score(_take_rows(batch, first), candidates)
+    return {k: v[group, position] for k, v in scores.items()}
+
+
+def _take_rows(batch: Batch, index: Tensor) -> Batch:
+    """Rows ``index`` (K,) of every tensor of ``batch``."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, Tensor):
+            changes[f.name] = value[index]
+        elif isinstance(value, dict):
+            changes[f.name] = {k: v[index] for k, v in value.items()}
+    return dataclasses.replace(batch, **changes)
