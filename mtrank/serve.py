@@ -61,7 +61,7 @@ casts nothing, so run it under ``torch.autocast`` for bf16.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -533,3 +533,77 @@ def _take_rows(batch: Batch, index: Tensor) -> Batch:
         elif isinstance(value, dict):
             changes[f.name] = {k: v[index] for k, v in value.items()}
     return dataclasses.replace(batch, **changes)
+
+
+def make_request(
+    features: FeatureSpec,
+    *,
+    user_id: int,
+    ts: int,
+    history_item_id: Sequence[int] | Tensor,
+    history_ts: Sequence[int] | Tensor,
+    history_sparse: Mapping[str, Sequence[int] | Tensor] | None = None,
+    history_dense: Mapping[str, Sequence[float] | Tensor] | None = None,
+    user_sparse: Mapping[str, int] | None = None,
+    user_dense: Mapping[str, float] | None = None,
+) -> Batch:
+    """A one-row request `Batch` from one user's raw timeline, as the loader would build it for time ``ts``.
+
+    The timeline (oldest first, as in the users table) keeps only behaviours strictly before ``ts``, the
+    newest ``features.max_len`` of them, left-aligned (width ``features.max_len``). Every channel of
+    ``features.history_sparse`` / ``history_dense`` and every static feature of ``features.user_sparse`` /
+    ``user_dense`` must be given; missing or unknown names raise a ValueError naming them.
+
+    Args:
+        features: the model's feature spec.
+        user_id: the user's id.
+        ts: the request time (the candidates' impression time), in the data's unit.
+        history_item_id, history_ts: (T,) the user's behaviours, sorted by time.
+        history_sparse, history_dense: channel name -> (T,) values.
+        user_sparse, user_dense: static feature name -> value.
+
+    Returns:
+        a `Batch` of one row for `CandidateScorer.score` / `CandidateScorer.score_user`.
+    """
+    items = torch.as_tensor(history_item_id, dtype=torch.long).reshape(-1)
+    times = torch.as_tensor(history_ts, dtype=torch.long).reshape(-1)
+    T = items.numel()
+    if times.numel() != T:
+        raise ValueError(f"history_ts has {times.numel()} values, history_item_id {T}")
+    if T > 1 and bool((times[1:] < times[:-1]).any()):
+        raise ValueError("history_ts must be sorted oldest first (as in the users table)")
+    channels = {"history_sparse": (history_sparse, list(features.history_sparse)),
+                "history_dense": (history_dense, list(features.history_dense)),
+                "user_sparse": (user_sparse, list(features.user_sparse)),
+                "user_dense": (user_dense, list(features.user_dense))}  # fmt: skip
+    for arg, (given, wanted) in channels.items():
+        given_names = set(given or {})
+        if given_names != set(wanted):
+            raise ValueError(f"{arg}: expected {sorted(wanted)} (features.{arg}), got {sorted(given_names)}")
+    for name, values in {**(history_sparse or {}), **(history_dense or {})}.items():
+        if torch.as_tensor(values).numel() != T:
+            raise ValueError(f"history channel {name!r} has {torch.as_tensor(values).numel()} values, expected {T}")
+    stop = int(torch.searchsorted(times, torch.tensor(ts, dtype=torch.long), right=False))  # strictly before ts
+    start = max(0, stop - features.max_len)
+    n, L = stop - start, features.max_len
+
+    def pad(values: Sequence[Any] | Tensor, dtype: torch.dtype) -> Tensor:
+        out = torch.zeros(1, L, dtype=dtype)
+        out[0, :n] = torch.as_tensor(values, dtype=dtype).reshape(-1)[start:stop]
+        return out
+
+    return Batch(
+        sample_index=torch.zeros(1, dtype=torch.long),
+        user_id=torch.tensor([user_id], dtype=torch.long),
+        item_id=torch.zeros(1, dtype=torch.long),
+        ts=torch.tensor([ts], dtype=torch.long),
+        history_len=torch.tensor([n], dtype=torch.long),
+        history_item_id=pad(items, torch.long),
+        history_ts=pad(times, torch.long),
+        history_sparse={k: pad(v, torch.long) for k, v in (history_sparse or {}).items()},
+        history_dense={k: pad(v, torch.float32) for k, v in (history_dense or {}).items()},
+        item_sparse={k: torch.zeros(1, dtype=torch.long) for k in features.item_sparse},
+        item_dense={k: torch.zeros(1) for k in features.item_dense},
+        user_sparse={k: torch.tensor([int(v)]) for k, v in (user_sparse or {}).items()},
+        user_dense={k: torch.tensor([float(v)]) for k, v in (user_dense or {}).items()},
+    )

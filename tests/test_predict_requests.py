@@ -98,3 +98,35 @@ def test_score_rows_by_request_refuses_a_batch_without_request_id(data_dir: Path
     batch = dataclasses.replace(next(iter(_loader(data_dir))), request_id=None)
     with pytest.raises(ValueError, match="no request_id"):
         serve.score_rows_by_request(serve.CandidateScorer(model("hstu")), batch)
+
+
+def test_make_request_builds_the_loaders_history(data_dir: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from mtrank.serve import CandidateScorer, make_request
+
+    features = SYNTH.features()
+    users = {row["user_id"]: row for row in pq.read_table(data_dir / "users.parquet").to_pylist()}
+    batch = next(iter(_loader(data_dir)))
+    module = model("hstu")
+    scorer = CandidateScorer(module)
+    for b in range(4):
+        row = users[int(batch.user_id[b])]
+        request = make_request(
+            features, user_id=row["user_id"], ts=int(batch.ts[b]), history_item_id=row["hist_item_id"],
+            history_ts=row["hist_ts"], history_sparse={k: row[f"hist_{k}"] for k in features.history_sparse},
+            history_dense={k: row[f"hist_{k}"] for k in features.history_dense},
+            user_sparse={k: row[k] for k in features.user_sparse}, user_dense={k: row[k] for k in features.user_dense},
+        )  # fmt: skip
+        n = int(batch.history_len[b])
+        assert int(request.history_len[0]) == n
+        torch.testing.assert_close(request.history_item_id[0, :n], batch.history_item_id[b, :n].long())
+        torch.testing.assert_close(request.history_ts[0, :n], batch.history_ts[b, :n].long())
+        sparse = {k: v[b : b + 1] for k, v in batch.item_sparse.items()}
+        dense = {k: v[b : b + 1] for k, v in batch.item_dense.items()}
+        scores = scorer.score_user(request, item_id=batch.item_id[b : b + 1], item_sparse=sparse, item_dense=dense)
+        with torch.no_grad():
+            want = module.predictions(module(batch)[1])
+        torch.testing.assert_close(scores["click"][0], want["click"][b], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"history_sparse: expected \['action', 'category'\]"):
+        make_request(features, user_id=0, ts=1, history_item_id=[1], history_ts=[0], history_sparse={"category": [1]})
