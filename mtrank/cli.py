@@ -4,6 +4,7 @@
     mtrank synth --out DIR [--num-users N ...]
     mtrank prepare movielens|kuairand --src DIR --out DIR   (`mtrank.data.prepare`: public data -> tables)
     mtrank convert-checkpoint SRC DST       (`mtrank.convert`: ZeRO folder or file -> one fp32 file)
+    mtrank export --config FILE --ckpt PATH --out DIR   (`mtrank.export`: plain-torch model file + model card)
 
 ``fit`` … ``predict`` are Lightning's CLI (jsonargparse): every encoder, head, task, optimiser,
 logger and strategy comes from YAML and can be overridden on the command line. The task list and
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from mtrank.convert import main as convert_main
 
         return convert_main(args[1:])
+    if args and args[0] == "export":
+        from mtrank.export import main as export_main
+
+        return export_main(args[1:])
     MTRankCLI(
         RankingModule,
         RankingDataModule,
