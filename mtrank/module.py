@@ -142,7 +142,13 @@ class RankingModule(L.LightningModule):
         Returns the `EncoderOutput` the heads read (the fatigue branch's, when on) and the
         `HeadOutput`: ``logits`` the raw per-task outputs (B,), ``branches`` each branch's output.
         """
-        encoded = self.encoder(batch)
+        return self.heads_and_branches(self.encoder(batch), batch)
+
+    def heads_and_branches(self, encoded: EncoderOutput, batch: Batch) -> tuple[EncoderOutput, HeadOutput]:
+        """What `forward` does after the encoder: the fatigue branch, the heads, the uplift branch, in that order.
+
+        Also the cached serving paths' second half (`mtrank.serve`), on an `EncoderOutput` they computed.
+        """
         outputs: dict[str, BranchOutput] = {}
         if self.fatigue is not None:
             outputs["fatigue"] = self.fatigue(encoded, batch)

@@ -71,7 +71,7 @@ from torch import Tensor
 from encoders.base import EncoderOutput, SequenceEncoder
 from encoders.hstu import HSTUEncoder
 from encoders.longer import LongerEncoder
-from heads.base import BranchOutput, HeadOutput
+from heads.base import HeadOutput
 from mtrank.batch import Batch
 from mtrank.module import RankingModule
 from mtrank.spec import FeatureSpec
@@ -270,17 +270,8 @@ def score_by_reencoding(
 
 
 def heads_and_branches(module: RankingModule, encoded: EncoderOutput, batch: Batch) -> HeadOutput:
-    """What `RankingModule.forward` does after its encoder: fatigue branch, heads, uplift branch, in that order."""
-    outputs: dict[str, BranchOutput] = {}
-    if module.fatigue is not None:
-        outputs["fatigue"] = module.fatigue(encoded, batch)
-        if outputs["fatigue"].encoded is not None:
-            encoded = outputs["fatigue"].encoded
-    head_out = module.heads(encoded, batch)
-    if module.uplift is not None:
-        outputs["uplift"] = module.uplift(encoded, batch)
-    head_out.branches = outputs
-    return head_out
+    """What `RankingModule.forward` does after its encoder (`RankingModule.heads_and_branches`): the `HeadOutput`."""
+    return module.heads_and_branches(encoded, batch)[1]
 
 
 # ----------------------------------------------------------------------------- batches
