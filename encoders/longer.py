@@ -501,6 +501,34 @@ class LongerSequenceCache(NamedTuple):
     history_mask: Tensor
 
 
+class LongerContextCache(NamedTuple):
+    """Everything of LONGER that does not depend on the candidate, for a batch of users
+    (`LongerEncoder.encode_user_context`): the candidate's query then needs one row per layer.
+
+    The candidate is a query of every main layer but never a key, so the other queries (user, learned and
+    recent tokens) never see it: their states, and the keys/values they offer the candidate, are per user.
+
+    Attributes:
+        keys1, values1: (B, H, G - 1 + M, d) layer 1's keys/values for the candidate's query: the non-candidate
+            global tokens, then the merged sequence.
+        valid1: (B, G - 1 + M) bool, the keys the candidate may attend in layer 1.
+        keys, values: (B, num_layers - 1, H, G - 1 + k, d) keys/values of layers 2.. : the non-candidate query
+            tokens at each layer's input.
+        valid: (B, G - 1 + k) bool, the keys the candidate may attend in layers 2.. .
+        user: (B, D) the user token's final state (``EncoderOutput.user``).
+        history_mask: (B, L) bool valid history positions.
+    """
+
+    keys1: Tensor
+    values1: Tensor
+    valid1: Tensor
+    keys: Tensor
+    values: Tensor
+    valid: Tensor
+    user: Tensor
+    history_mask: Tensor
+
+
 # ------------------------------------------------------------------------------------------ encoder
 
 
@@ -721,6 +749,72 @@ class LongerEncoder(SequenceEncoder):
         h_c, user = h[:, 0], h[:, 1]  # (B, D) each
         target = self.target_mlp(h_c, e_c, u)
         return EncoderOutput(target=target, user=user, sequence=None, mask=cache.history_mask)
+
+    def encode_user_context(self, batch: Batch) -> LongerContextCache:
+        """The candidate-free part of the whole encoder (serving): `encode_user_sequence`, then every main layer
+        over the non-candidate queries, keeping the keys/values each layer offers the candidate's query.
+
+        Reads the history columns, ``history_len``, ``ts`` and the user features, never the candidate.
+        """
+        seq = self.encode_user_sequence(batch)
+        states, seq_mask = seq.states, seq.mask
+        B, M, D = states.shape
+        G, device = self.num_global, states.device
+        u = self.embeddings.user_features(batch)  # (B, D_u)
+        dtype = states.dtype
+        learned = self.learned_tokens.unsqueeze(0).expand(B, -1, -1).to(dtype)
+        others = self.dropout(torch.cat([self.user_token(u).unsqueeze(1).to(dtype), learned], dim=1))  # (B, G-1, D)
+        k = min(self.num_recent_queries, M)
+        m = seq_mask.sum(dim=1)
+        recent_pos = m.unsqueeze(1) - k + torch.arange(k, device=device)  # (B, k)
+        recent_valid = recent_pos >= 0
+        recent_pos = recent_pos.clamp(min=0)
+        recent = torch.gather(states, 1, recent_pos.unsqueeze(-1).expand(B, k, D))
+        recent = recent * recent_valid.unsqueeze(-1).to(recent.dtype)
+        g_valid = torch.ones(B, G - 1, dtype=torch.bool, device=device)
+        g_pos = recent_pos.new_full((B, G - 1), -1)
+        q_pos = torch.cat([recent_pos.new_full((B, G - 1), M), recent_pos], dim=1)  # (B, G - 1 + k)
+        seq_pos = torch.arange(M, device=device).expand(B, M)
+        cross_mask = LongerMask(torch.cat([g_valid, seq_mask], 1), torch.cat([g_pos, seq_pos], 1), q_pos)
+        valid = torch.cat([g_valid, recent_valid], dim=1)  # (B, G - 1 + k)
+        self_mask = LongerMask(valid, torch.cat([g_pos, recent_pos], dim=1), q_pos)
+
+        first = self.layers[0]
+        g_keys, g_values = first.key_values(others)  # (B, H, G - 1, d)
+        keys1 = torch.cat([g_keys, seq.keys.to(g_keys.dtype)], dim=2)
+        values1 = torch.cat([g_values, seq.values.to(g_values.dtype)], dim=2)
+        x = torch.cat([others, recent.to(others.dtype)], dim=1)  # (B, G - 1 + k, D)
+        x = first(x, cross_mask, others, seq.keys, seq.values)
+        keys, values = [], []
+        for layer in self.layers[1:]:
+            kl, vl = layer.key_values(x)  # what the candidate's query reads in this layer
+            keys.append(kl)
+            values.append(vl)
+            x = layer(x, self_mask)
+        H, d = keys1.shape[1], keys1.shape[3]
+        empty = keys1.new_zeros(B, 0, H, x.shape[1], d)
+        stack = (lambda ts: torch.stack(ts, dim=1)) if keys else (lambda ts: empty)
+        user = self.norm_out(x)[:, 0]  # (B, D)
+        return LongerContextCache(
+            keys1, values1, torch.cat([g_valid, seq_mask], 1), stack(keys), stack(values), valid, user,
+            seq.history_mask,
+        )  # fmt: skip
+
+    def forward_candidates(self, batch: Batch, cache: LongerContextCache) -> EncoderOutput:
+        """Only the candidate's query through the main layers, on `encode_user_context`'s cache (rows aligned
+        with ``batch``'s): the same `EncoderOutput` as `forward` (``target``, ``user``, ``mask``) at
+        O(G + M) attention per candidate in layer 1 and O(G + k) in the others, instead of running every query."""
+        e_c = self.embeddings.candidate_tokens(batch)  # (B, D)
+        u = self.embeddings.user_features(batch)
+        x = self.dropout(e_c.unsqueeze(1))  # (B, 1, D): the candidate, query only
+        none = x[:, :0]  # (B, 0, D): no key tokens besides the cached ones
+        x = self.layers[0](x, LongerMask(cache.valid1), none, cache.keys1, cache.values1)
+        mask = LongerMask(cache.valid)
+        for i, layer in enumerate(self.layers[1:]):
+            x = layer(x, mask, none, cache.keys[:, i], cache.values[:, i])
+        h_c = self.norm_out(x)[:, 0]
+        target = self.target_mlp(h_c, e_c, u)
+        return EncoderOutput(target=target, user=cache.user, sequence=None, mask=cache.history_mask)
 
     def forward(self, batch: Batch) -> EncoderOutput:
         """`Batch` -> `EncoderOutput` (see the class docstring): `encode_user_sequence` then `forward_from_cache`."""

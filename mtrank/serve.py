@@ -33,12 +33,14 @@ outputs as ``<branch>_<output>`` (B, C, ...) (as `RankingModule.predict_step` na
   `HSTUEncoder.forward_candidates` then runs only the candidate tokens through the layers, each attending
   to the cached keys/values and to itself (all C candidates of a user as the queries of one attention).
   Per candidate: O(L·D) attention + O(D²) projections instead of a whole O(L²·D + L·D²) forward.
-- ``longer_cache`` (`encoders.longer.LongerEncoder`): `LongerEncoder.encode_user_sequence` once per request
-  (merged tokens and layer 1's keys/values of the whole merged sequence), then `forward_from_cache` for
-  the candidates, the cache's rows repeated per candidate (``expand``: a view when a microbatch holds one
-  request, a copy of at most ``microbatch`` rows otherwise). Per candidate: the G + k query tokens of the
-  hybrid attention instead of the token merge and the sequence projections. (Every non-candidate query is
-  candidate-free too, so a path running only the candidate's query per layer could go further; not done.)
+- ``longer_cache`` (`encoders.longer.LongerEncoder`): the candidate is a query of every main layer but never
+  a key, so every other query (user, learned and recent tokens) is candidate-free too.
+  `LongerEncoder.encode_user_context` runs once per request: the token merge, layer 1's keys/values of the
+  merged sequence, and every main layer over the non-candidate queries, keeping the keys/values each layer
+  offers the candidate. `LongerEncoder.forward_candidates` then runs only the candidate's query, one row per
+  layer, the cache's rows repeated per candidate (``expand``: a view when a microbatch holds one request, a
+  copy of at most ``microbatch`` rows otherwise). Per candidate: O((G + M)·D) attention in layer 1 and
+  O((G + k)·D) in the others, plus the O(D²) projections of one token.
 - ``reencode`` (every other encoder: ULTRA-HSTU, the baselines; and ``naive=True`` for any encoder): the
   request batch is expanded to one row per (user, candidate) pair and `RankingModule.forward` runs on it
   in microbatches. Correct, uncached: the history is encoded once per candidate (the benchmark baseline).
@@ -233,7 +235,7 @@ class CandidateScorer:
         if self.path == "hstu_prefix":
             return encoder.encode_user_prefix(rows)
         if self.path == "longer_cache":
-            return encoder.encode_user_sequence(rows)
+            return encoder.encode_user_context(rows)
         return None
 
     def _forward(self, pairs: Batch, prefix: Any, num_candidates: int) -> HeadOutput:
@@ -244,7 +246,7 @@ class CandidateScorer:
         if self.path == "hstu_prefix":
             encoded = module.encoder.forward_candidates(pairs, prefix)
         else:
-            encoded = module.encoder.forward_from_cache(pairs, repeat_rows(prefix, num_candidates))
+            encoded = module.encoder.forward_candidates(pairs, repeat_rows(prefix, num_candidates))
         return heads_and_branches(module, encoded, pairs)
 
     def _results(self, head_out: HeadOutput) -> dict[str, Tensor]:

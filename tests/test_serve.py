@@ -486,3 +486,26 @@ def test_hstu_prefix_cache_matches_forward(attention_norm: str) -> None:
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="not a multiple"):
         encoder.forward_candidates(dataclasses.replace(batch, item_id=batch.item_id[:3]), cache)
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("merge_k", [1, 4])
+def test_longer_candidate_query_path_equals_forward(num_layers: int, merge_k: int) -> None:
+    """`LongerEncoder.encode_user_context` + `forward_candidates` (only the candidate's query per layer) give
+    `forward`'s target and user states, with a cache that never reads the candidate."""
+    torch.manual_seed(0)
+    encoder = LongerEncoder(
+        FEATURES, dim=16, num_layers=num_layers, num_heads=2, num_learned_global_tokens=1, merge_k=merge_k,
+        num_recent_queries=3,
+    ).eval()  # fmt: skip
+    for p in encoder.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    batch = random_batch(FEATURES, [0, 1, 5, FEATURES.max_len], FEATURES.max_len, 0)
+    with torch.no_grad():
+        want = encoder(batch)
+        cache = encoder.encode_user_context(batch)
+        got = encoder.forward_candidates(batch, cache)
+        other = dataclasses.replace(batch, item_id=(batch.item_id + 1) % FEATURES.num_items)
+        assert torch.equal(encoder.encode_user_context(other).keys1, cache.keys1)
+    torch.testing.assert_close(got.target, want.target, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.user, want.user, atol=1e-5, rtol=1e-5)
