@@ -305,8 +305,8 @@ def _export_batch_class() -> type:
 class FlatRanker(nn.Module):
     """The exported module: flat tensors in `input_layout` order -> per-task (B,) predictions in task order.
 
-    Runs `RankingModule.forward` on the encoder, the fatigue branch and the heads of ``module`` (the uplift
-    branch is left out: its outputs are not task predictions), then each task's prediction transform.
+    Runs the encoder, then `RankingModule.heads_and_branches` (the fatigue branch and the heads) of ``module``
+    (the uplift branch is left out: its outputs are not task predictions), then each task's prediction transform.
 
     Args:
         module: the trained ranker (its submodules are shared, not copied).
@@ -351,7 +351,8 @@ class FlatRanker(nn.Module):
         from mtrank.losses import task_prediction
         from mtrank.module import RankingModule
 
-        _, head_out = RankingModule.forward(self, self.to_batch(inputs))  # type: ignore[arg-type]
+        batch = self.to_batch(inputs)
+        _, head_out = RankingModule.heads_and_branches(self, self.encoder(batch), batch)  # type: ignore[arg-type]
         return tuple(task_prediction(task, head_out.logits[task.name]) for task in self.tasks)
 
 
