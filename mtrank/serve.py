@@ -367,14 +367,7 @@ def repeat_rows(cache: NamedTuple, repeats: int) -> Any:
 
 def _rows(batch: Batch, start: int, stop: int) -> Batch:
     """Rows ``start:stop`` of every tensor of ``batch`` (views)."""
-    changes: dict[str, Any] = {}
-    for f in dataclasses.fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, Tensor):
-            changes[f.name] = value[start:stop]
-        elif isinstance(value, dict):
-            changes[f.name] = {k: v[start:stop] for k, v in value.items()}
-    return dataclasses.replace(batch, **changes)
+    return _take_rows(batch, slice(start, stop))
 
 
 def _candidate_rows(candidates: Candidates, start: int, stop: int) -> Candidates:
@@ -516,8 +509,8 @@ def score_rows_by_request(scorer: CandidateScorer, batch: Batch) -> dict[str, Te
     return {k: v[group, position] for k, v in scores.items()}
 
 
-def _take_rows(batch: Batch, index: Tensor) -> Batch:
-    """Rows ``index`` (K,) of every tensor of ``batch``."""
+def _take_rows(batch: Batch, index: Tensor | slice) -> Batch:
+    """Rows ``index`` ((K,) indices, or a slice: views) of every tensor of ``batch``."""
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(batch):
         value = getattr(batch, f.name)

@@ -129,6 +129,16 @@ def decade_of(release_date: str | None, path: Path, row: int) -> int:
     return int(np.clip((int(year) - 1920) // 10 + 1, 1, NUM_DECADES - 1))
 
 
+def _sorted_ids(raw: np.ndarray, path: Path, column: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(V,) raw ids of a features file -> (sorted ids, the stable order that sorts them); a repeated id raises."""
+    order = np.argsort(raw, kind="stable")
+    raw = raw[order]
+    repeated = np.diff(raw) == 0
+    if repeated.any():
+        raise PrepareError(f"{path}: column {column!r}: {what} {int(raw[np.argmax(repeated)])} appears more than once")
+    return raw, order
+
+
 def read_items(path: Path, text: bool, chunk_rows: int = CHUNK_ROWS) -> tuple[IdMap, np.ndarray, np.ndarray]:
     """Item map, (V,) genre and (V,) decade per dense item id."""
     ids, genre, decade = [], [], []
@@ -140,12 +150,7 @@ def read_items(path: Path, text: bool, chunk_rows: int = CHUNK_ROWS) -> tuple[Id
         genre.append(np.where(flags.any(axis=1), np.argmax(flags, axis=1), 0))
         dates = chunk.column("release_date").to_pylist()
         decade.append(np.array([decade_of(d, path, base + i) for i, d in enumerate(dates)], dtype=np.int64))
-    raw = np.concatenate(ids)
-    order = np.argsort(raw, kind="stable")
-    raw = raw[order]
-    if (np.diff(raw) == 0).any():
-        dup = int(raw[np.argmax(np.diff(raw) == 0)])
-        raise PrepareError(f"{path}: column 'movie_id': movie {dup} appears more than once")
+    raw, order = _sorted_ids(np.concatenate(ids), path, "movie_id", "movie")
     return IdMap(raw, "movie_id"), np.concatenate(genre)[order], np.concatenate(decade)[order]
 
 
@@ -168,12 +173,7 @@ def read_users(path: Path, text: bool, chunk_rows: int = CHUNK_ROWS) -> tuple[Id
             raise PrepareError(f"{path}: column 'gender': {g[row]!r} at row {base + row} is neither 'F' nor 'M'")
         gender.append((g == "M").astype(np.int64))
         occupation.append(np.array(chunk.column("occupation").to_pylist(), dtype=object))
-    raw = np.concatenate(ids)
-    order = np.argsort(raw, kind="stable")
-    raw = raw[order]
-    if (np.diff(raw) == 0).any():
-        dup = int(raw[np.argmax(np.diff(raw) == 0)])
-        raise PrepareError(f"{path}: column 'user_id': user {dup} appears more than once")
+    raw, order = _sorted_ids(np.concatenate(ids), path, "user_id", "user")
     occ = np.concatenate(occupation)[order]
     names = sorted(set(occ.tolist()))
     table = pa.table(
