@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check on the device machine (see ../shared/device/README.md): the test suite, then the quick start
-# on one GPU in bf16-mixed, with its metrics copied to $OUT. Needs .whl/ (wheels.sh) carried along.
+# on one GPU in bf16-mixed, with its metrics copied to $OUT. Needs .whl/ (scripts/gpu_wheels.sh) carried along.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD WANDB_MODE=offline PYTHONUNBUFFERED=1 || exit 1

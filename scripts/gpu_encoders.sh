@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Long-sequence encoders on the device machine (see ../shared/device/README.md): the GPU tests, the
 # recomputation memory benchmark and the same-budget encoder comparison, results in $OUT.
-# Needs .whl/ (wheels.sh) carried along.
+# Needs .whl/ (scripts/gpu_wheels.sh) carried along.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD WANDB_MODE=offline PYTHONUNBUFFERED=1 || exit 1

@@ -351,11 +351,17 @@ def table_from(files: list[Path], out: Path) -> int:
     """Tabulate the runs of earlier ``--out`` files together (for example seeds run in separate calls)."""
     docs = [json.loads(f.read_text()) for f in files]
     runs = [r for d in docs for r in d["runs"]]
+    # rows in the order the variants were asked for (each file's --variants, files in turn), not as runs finished
+    settings_list = [s for d in docs for s in (d["settings"] if isinstance(d["settings"], list) else [d["settings"]])]
+    order = list(
+        dict.fromkeys([v for s in settings_list for v in s.get("variants") or []] + [r["variant"] for r in runs])
+    )
+    runs.sort(key=lambda r: (order.index(r["variant"]), r["seed"]))
     tasks = docs[0]["data"].get("tasks") or _tasks_of(runs)
     rows = aggregate(runs, tasks)
     text = markdown(rows, tasks)
     seeds = sorted({r["seed"] for r in runs})
-    meta = docs[0]["settings"]
+    meta = settings_list[0]
     setup = (
         f"{docs[0]['data']['source'].get('dataset', '')}, test split; seeds {seeds}; {meta['epochs']} epochs, "
         f"batch {meta['batch_size']}, max_len {meta['max_len']}, {meta['accelerator']} {meta.get('precision') or ''}"

@@ -35,6 +35,40 @@ def test_variants_follow_the_data() -> None:
     assert ultra["init_args"]["streams"][1] == {"name": "engaged", "channel": "rating", "values": [4, 5], "max_len": 32}
 
 
+def test_table_from_orders_rows_as_the_variants_were_asked_for(tmp_path: Path) -> None:
+    script = load_script()
+    tasks = [{"name": "like", "kind": "binary"}]
+
+    def run(variant: str, seed: int, auc: float) -> dict:
+        return {"variant": variant, "seed": seed, "train_s": 1.0, "params": 10, "test": {"test/like/auc": auc}}
+
+    def doc(variants: list[str], runs: list[dict]) -> dict:
+        settings = {"variants": variants, "epochs": 1, "batch_size": 8, "max_len": 4, "accelerator": "cpu"}
+        return {"settings": settings, "data": {"source": {"dataset": "toy"}, "tasks": tasks}, "runs": runs}
+
+    # runs stored as they finished: the later variant and seed first
+    first = doc(
+        ["no-history", "mean-pool"], [run("mean-pool", 1, 0.7), run("no-history", 0, 0.6), run("mean-pool", 0, 0.8)]
+    )
+    second = doc(["HSTU/MMoE"], [run("HSTU/MMoE", 0, 0.9)])
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    merged = tmp_path / "all.json"
+    assert script.table_from([tmp_path / "b.json", tmp_path / "a.json"], merged) == 0
+    out = json.loads(merged.read_text())
+    assert [r["variant"] for r in out["table"]] == ["HSTU/MMoE", "no-history", "mean-pool"]
+    assert [(r["variant"], r["seed"]) for r in out["runs"]][1:] == [
+        ("no-history", 0),
+        ("mean-pool", 0),
+        ("mean-pool", 1),
+    ]
+    assert out["table"][2]["cells"]["test/like/auc"][0] == pytest.approx(0.75)
+    # a merged file merges again: its settings are a list
+    again = tmp_path / "again.json"
+    assert script.table_from([merged], again) == 0
+    assert [r["variant"] for r in json.loads(again.read_text())["table"]] == ["HSTU/MMoE", "no-history", "mean-pool"]
+
+
 def test_aggregate_and_markdown() -> None:
     script = load_script()
     tasks = [{"name": "like", "kind": "binary"}, {"name": "rating", "kind": "regression"}]
