@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from encoders import HSTUEncoder
 from heads import MMoE
+from mtrank.batch import Batch
 from mtrank.module import RankingModule
 from mtrank.spec import FeatureSpec, TaskSpec
+
+# a small feature spec with every kind of feature (two history channels, a dense history value, item and user
+# sparse and dense features): the encoder, baseline, kernel and serving tests build their models on it
+FEATURES = FeatureSpec(
+    num_users=20,
+    num_items=50,
+    max_len=8,
+    history_sparse={"category": 6, "action": 3},
+    history_dense=["watch"],
+    item_sparse={"category": 6},
+    item_dense=["duration"],
+    user_sparse={"age": 5},
+    user_dense=["activity"],
+)
+
+
+def widen(batch: Batch, pad: int) -> Batch:
+    """``batch`` with ``pad`` more padded history columns (0 everywhere, as the loader pads): the same samples."""
+    return dataclasses.replace(
+        batch,
+        history_item_id=F.pad(batch.history_item_id, (0, pad)),
+        history_ts=F.pad(batch.history_ts, (0, pad)),
+        history_sparse={n: F.pad(t, (0, pad)) for n, t in batch.history_sparse.items()},
+        history_dense={n: F.pad(t, (0, pad)) for n, t in batch.history_dense.items()},
+    )
 
 
 def quiet_trainer(devices: int = 1, **kwargs: Any) -> L.Trainer:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
-from helpers import quiet_trainer
+from helpers import FEATURES, quiet_trainer, widen
 
 from encoders import EncoderOutput, MeanPoolEncoder, NoHistoryEncoder, SequenceEncoder
 from heads import MMoE
@@ -20,20 +19,9 @@ from mtrank.cli import TRAINER_DEFAULTS, MTRankCLI
 from mtrank.data.datamodule import RankingDataModule
 from mtrank.data.synth import SynthConfig, random_batch
 from mtrank.module import RankingModule
-from mtrank.spec import FeatureSpec, TaskSpec
+from mtrank.spec import TaskSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-FEATURES = FeatureSpec(
-    num_users=20,
-    num_items=50,
-    max_len=8,
-    history_sparse={"category": 6, "action": 3},
-    history_dense=["watch"],
-    item_sparse={"category": 6},
-    item_dense=["duration"],
-    user_sparse={"age": 5},
-    user_dense=["activity"],
-)
 ENCODERS = {
     "no_history": partial(NoHistoryEncoder, dim=16, hidden_dims=(24,), output_dim=12),
     "mean_pool": partial(MeanPoolEncoder, dim=16, output_dim=12),
@@ -47,17 +35,6 @@ def make_encoder(name: str, **kwargs) -> SequenceEncoder:
 
 def make_batch(history_len: list[int], L: int = 6, seed: int = 0) -> Batch:
     return random_batch(FEATURES, history_len, L, seed)
-
-
-def widen(batch: Batch, pad: int) -> Batch:
-    """``batch`` with ``pad`` more padded history positions (0 everywhere, as the loader pads)."""
-    return dataclasses.replace(
-        batch,
-        history_item_id=F.pad(batch.history_item_id, (0, pad)),
-        history_ts=F.pad(batch.history_ts, (0, pad)),
-        history_sparse={n: F.pad(t, (0, pad)) for n, t in batch.history_sparse.items()},
-        history_dense={n: F.pad(t, (0, pad)) for n, t in batch.history_dense.items()},
-    )
 
 
 def other_history(batch: Batch, seed: int = 1) -> Batch:

@@ -7,23 +7,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FEATURES, widen
 
 from encoders import FeatureEmbeddings, HSTUEncoder, bucket_position_distance, hstu_attention
 from mtrank.batch import Batch
 from mtrank.data.synth import random_batch
-from mtrank.spec import FeatureSpec
-
-FEATURES = FeatureSpec(
-    num_users=20,
-    num_items=50,
-    max_len=8,
-    history_sparse={"category": 6, "action": 3},
-    history_dense=["watch"],
-    item_sparse={"category": 6},
-    item_dense=["duration"],
-    user_sparse={"age": 5},
-    user_dense=["activity"],
-)
 
 
 def make_batch(history_len: list[int], L: int = 6, seed: int = 0, id_dtype: torch.dtype = torch.int64) -> Batch:
@@ -94,13 +82,7 @@ def test_padding_changes_nothing() -> None:
 def test_output_does_not_depend_on_padding_width() -> None:
     narrow = make_batch([3, 2, 0], L=3)
     pad = 4
-    wide = dataclasses.replace(
-        narrow,
-        history_item_id=F.pad(narrow.history_item_id, (0, pad)),
-        history_ts=F.pad(narrow.history_ts, (0, pad)),
-        history_sparse={n: F.pad(t, (0, pad)) for n, t in narrow.history_sparse.items()},
-        history_dense={n: F.pad(t, (0, pad)) for n, t in narrow.history_dense.items()},
-    )
+    wide = widen(narrow, pad)
     for norm in ("num_keys", "max_len"):
         encoder = make_encoder(attention_norm=norm)
         out, out_wide = encoder(narrow), encoder(wide)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_encoders import FEATURES
+from helpers import FEATURES
 
 from encoders import HSTUEncoder, UltraHSTUEncoder
 from encoders.kernels.hstu_attention import (

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_encoders import FEATURES, assert_gradients, embedding_parameters, make_batch, replace_history
+from helpers import FEATURES, widen
+from test_encoders import assert_gradients, embedding_parameters, make_batch, replace_history
 
 from encoders import LongerEncoder
 from encoders.longer import LongerBlock
@@ -25,17 +26,6 @@ def make_encoder(**kwargs) -> LongerEncoder:
     torch.manual_seed(0)
     args = {"dim": 16, "num_layers": 3, "num_heads": 2, "num_learned_global_tokens": 2, "output_dim": 12}
     return LongerEncoder(FEATURES, **{**args, **kwargs}).eval()
-
-
-def widen(batch: Batch, pad: int) -> Batch:
-    """The same samples with ``pad`` more padded history columns."""
-    return dataclasses.replace(
-        batch,
-        history_item_id=F.pad(batch.history_item_id, (0, pad)),
-        history_ts=F.pad(batch.history_ts, (0, pad)),
-        history_sparse={n: F.pad(t, (0, pad)) for n, t in batch.history_sparse.items()},
-        history_dense={n: F.pad(t, (0, pad)) for n, t in batch.history_dense.items()},
-    )
 
 
 def other_candidate(batch: Batch) -> Batch:

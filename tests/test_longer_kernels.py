@@ -16,7 +16,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_encoders import FEATURES
+from helpers import FEATURES
 
 import encoders.longer as longer
 from encoders.longer import (

@@ -10,6 +10,7 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import FEATURES
 
 from encoders import HSTUEncoder, LongerEncoder, MeanPoolEncoder, UltraHSTUEncoder
 from heads import CDUM, PLE, FRec, MMoE
@@ -19,17 +20,6 @@ from mtrank.module import RankingModule
 from mtrank.serve import Candidates, CandidateScorer, pair_batch, score_by_reencoding, scoring_path
 from mtrank.spec import FeatureSpec, TaskSpec
 
-FEATURES = FeatureSpec(
-    num_users=20,
-    num_items=50,
-    max_len=8,
-    history_sparse={"category": 6, "action": 3},
-    history_dense=["watch"],
-    item_sparse={"category": 6},
-    item_dense=["duration"],
-    user_sparse={"age": 5},
-    user_dense=["activity"],
-)
 TASKS = [
     TaskSpec(name="click"),
     TaskSpec(name="like"),

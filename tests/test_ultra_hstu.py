@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from test_encoders import FEATURES, make_batch, replace_history
+from helpers import FEATURES
+from test_encoders import make_batch, replace_history
 
 from encoders import HSTUEncoder, TransducerStream, UltraHSTUEncoder, hstu_attention, sla_attention, sla_mask
 from encoders.hstu import AttentionInputs, HSTULayer, bucket_position_distance, bucket_time_delta
