@@ -40,6 +40,18 @@ autotuning and compilation land here: the one-off cost a training run pays befor
 ``note`` why a row has no numbers. A configuration that runs out of GPU memory is
 reported as such; one that fails otherwise (for example a kernel an encoder does not accept) is reported with its
 error and makes the exit status 1. Prints a table and writes JSON (``--out``, rewritten after every row).
+
+Where the time goes (``--profile-steps K``, default 0): after the timed steps, K more steps run under
+``torch.profiler`` (CPU and, on CUDA, device activity) and each row gets a ``profile``: ``device_ms_per_step``
+(the kernels' own time summed, per step), ``device_busy`` (that over the unprofiled median step: well below 1
+means the step waits on the host, i.e. it is bound by Python and kernel launches, not by the GPU),
+``launches_per_step`` (kernel launches, CUDA runtime and driver calls together: Triton launches through the
+driver), ``host_ms_per_step`` (the profiled step's wall time, profiler overhead included) and ``top``: the
+``--profile-top`` operators by their own device time (CPU time on the CPU) with calls and milliseconds per step.
+A short summary is printed under the table. Profiled steps are not part of ``ms/step``.
+
+    python scripts/bench_kernels_e2e.py --encoders HSTU --kernels auto --max-len 256 --batch-size 512 \
+        --profile-steps 5 --out e2e_profile.json
 """
 
 from __future__ import annotations
@@ -59,6 +71,7 @@ from typing import Any
 import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_encoders import long_sequence_settings
@@ -158,6 +171,7 @@ def measure(encoder: str, max_len: int, kernel: str, args: argparse.Namespace) -
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     ms = statistics.median(times)
+    profiled = profile_steps(module, optimizer, batch, args.profile_steps, args.profile_top, ms, sync)
     return {
         "status": "ok",
         "ms_per_step": ms,
@@ -168,6 +182,65 @@ def measure(encoder: str, max_len: int, kernel: str, args: argparse.Namespace) -
         "parameters": sum(p.numel() for p in module.parameters()),
         "optimizer": type(optimizer).__name__,
         "encoder_init_args": model["encoder"]["init_args"],
+        **({"profile": profiled} if profiled else {}),
+    }
+
+
+LAUNCHES = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaLaunchCooperativeKernel",
+)
+
+
+def profile_steps(
+    module: RankingModule,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    steps: int,
+    top: int,
+    step_ms: float,
+    sync: Any,
+) -> dict[str, Any] | None:
+    """``steps`` training steps under ``torch.profiler``: device time, launches and the top operators per step.
+
+    ``step_ms`` is the unprofiled median step time, the denominator of ``device_busy``. None when ``steps`` is 0.
+    """
+    if steps <= 0:
+        return None
+    cuda = batch.item_id.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(module, optimizer, batch, cuda)
+        sync()
+        host_ms = (time.perf_counter() - start) * 1e3 / steps
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events) if cuda else None
+    launches = sum(e.count for e in events if e.key in LAUNCHES)
+    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    ops = sorted((e for e in events if key(e) > 0), key=key, reverse=True)[:top]
+    return {
+        "steps": steps,
+        "host_ms_per_step": host_ms,
+        "device_ms_per_step": device_us / steps / 1e3 if cuda else None,
+        "device_busy": device_us / steps / 1e3 / step_ms if cuda else None,
+        "launches_per_step": launches / steps,
+        "cpu_ops_ms_per_step": sum(e.self_cpu_time_total for e in events) / steps / 1e3,
+        "sorted_by": "self device time" if cuda else "self CPU time",
+        "top": [
+            {
+                "name": e.key,
+                "calls_per_step": e.count / steps,
+                "self_device_ms_per_step": e.self_device_time_total / steps / 1e3 if cuda else None,
+                "self_cpu_ms_per_step": e.self_cpu_time_total / steps / 1e3,
+            }
+            for e in ops
+        ],
     }
 
 
@@ -192,6 +265,27 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def print_profiles(rows: list[dict[str, Any]], top: int = 5) -> None:
+    """One paragraph per profiled row: device busy fraction, launches per step and the heaviest operators."""
+    for r in rows:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        busy = "" if prof["device_busy"] is None else f"device busy {prof['device_busy']:.0%} of the step, "
+        print(
+            f"\n{r['encoder']} max_len={r['max_len']} kernel={r['kernel']}: {busy}"
+            f"{prof['launches_per_step']:.0f} kernel launches/step, {prof['cpu_ops_ms_per_step']:.1f} ms/step of "
+            f"host operator time; top by {prof['sorted_by']}:"
+        )
+        for op in prof["top"][:top]:
+            ms = (
+                op["self_device_ms_per_step"]
+                if op["self_device_ms_per_step"] is not None
+                else op["self_cpu_ms_per_step"]
+            )
+            print(f"  {ms:8.3f} ms/step  {op['calls_per_step']:6.0f} calls/step  {op['name'][:90]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -202,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed training steps first")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile-steps", type=int, default=0, help="steps under torch.profiler after timing")
+    parser.add_argument("--profile-top", type=int, default=15, help="operators listed per profiled row")
     parser.add_argument("--out", type=Path, default=Path("bench_kernels_e2e.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -249,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{name} — training step, batch {args.batch_size}, {meta['precision']}, median of {args.steps} steps\n")
     print_table(rows)
+    print_profiles(rows)
     write()
     print(f"\nwrote {args.out}")
     return 1 if any(r["status"] == "error" for r in rows) else 0

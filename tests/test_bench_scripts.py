@@ -116,6 +116,28 @@ def test_bench_kernels_e2e_cpu_smoke(tmp_path: Path) -> None:
     assert code == 0
 
 
+def test_bench_kernels_e2e_profile_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_script("bench_kernels_e2e")
+    out = tmp_path / "e2e.json"
+    argv = ["--device", "cpu", "--encoders", "HSTU", "--kernels", "reference", "--max-len", "16", "--batch-size", "4"]
+    argv += ["--steps", "1", "--warmup", "1", "--out", str(out)]
+    assert bench.main([*argv, "--profile-steps", "2", "--profile-top", "4"]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    prof = row["profile"]
+    assert prof["steps"] == 2 and prof["sorted_by"] == "self CPU time"
+    assert prof["device_ms_per_step"] is None and prof["device_busy"] is None  # no device on the CPU
+    assert prof["launches_per_step"] == 0 and prof["host_ms_per_step"] > 0 and prof["cpu_ops_ms_per_step"] > 0
+    assert len(prof["top"]) == 4
+    times = [op["self_cpu_ms_per_step"] for op in prof["top"]]
+    assert times == sorted(times, reverse=True) and times[-1] > 0
+    names = {op["name"] for op in prof["top"]}
+    assert any(name.startswith("aten::") for name in names)
+    assert "kernel launches/step" in capsys.readouterr().out
+    # without --profile-steps no row has a profile
+    assert bench.main(argv) == 0
+    assert "profile" not in json.loads(out.read_text())["rows"][0]
+
+
 @pytest.mark.slow
 def test_bench_strategies_cpu_smoke_with_an_exact_resume_check(tmp_path: Path) -> None:
     """DDP with one CPU process (DeepSpeed needs CUDA): a throughput row, and the resume check, whose resumed
