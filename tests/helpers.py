@@ -43,6 +43,16 @@ def widen(batch: Batch, pad: int) -> Batch:
     )
 
 
+def other_candidate(batch: Batch) -> Batch:
+    """``batch`` (on ``FEATURES``) with another candidate per row: item id, category and duration changed."""
+    return dataclasses.replace(
+        batch,
+        item_id=(batch.item_id + 11) % FEATURES.num_items,
+        item_sparse={"category": (batch.item_sparse["category"] + 1) % 6},
+        item_dense={"duration": batch.item_dense["duration"] + 10},
+    )
+
+
 def quiet_trainer(devices: int = 1, **kwargs: Any) -> L.Trainer:
     """A CPU `L.Trainer` without logger, checkpoints, progress bar or summary (``kwargs`` override);
     ``devices > 1``: that many DDP processes (``ddp_spawn``, gloo)."""

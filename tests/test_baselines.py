@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import FEATURES, quiet_trainer, widen
+from helpers import FEATURES, other_candidate, quiet_trainer, widen
 
 from encoders import EncoderOutput, MeanPoolEncoder, NoHistoryEncoder, SequenceEncoder
 from heads import MMoE
@@ -47,15 +47,6 @@ def other_history(batch: Batch, seed: int = 1) -> Batch:
         history_ts=other.history_ts,
         history_sparse=other.history_sparse,
         history_dense=other.history_dense,
-    )
-
-
-def other_candidate(batch: Batch) -> Batch:
-    return dataclasses.replace(
-        batch,
-        item_id=(batch.item_id + 11) % FEATURES.num_items,
-        item_sparse={"category": (batch.item_sparse["category"] + 1) % 6},
-        item_dense={"duration": batch.item_dense["duration"] + 10},
     )
 
 

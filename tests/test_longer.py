@@ -3,7 +3,6 @@ naive per-row computation, empty histories, gradients, checkpointing, bf16 and t
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FEATURES, widen
+from helpers import FEATURES, other_candidate, widen
 from test_encoders import assert_gradients, embedding_parameters, make_batch, replace_history
 
 from encoders import LongerEncoder
@@ -26,15 +25,6 @@ def make_encoder(**kwargs) -> LongerEncoder:
     torch.manual_seed(0)
     args = {"dim": 16, "num_layers": 3, "num_heads": 2, "num_learned_global_tokens": 2, "output_dim": 12}
     return LongerEncoder(FEATURES, **{**args, **kwargs}).eval()
-
-
-def other_candidate(batch: Batch) -> Batch:
-    return dataclasses.replace(
-        batch,
-        item_id=(batch.item_id + 11) % FEATURES.num_items,
-        item_sparse={"category": (batch.item_sparse["category"] + 1) % 6},
-        item_dense={"duration": batch.item_dense["duration"] + 10},
-    )
 
 
 # ------------------------------------------------------------------------------------------ naive reference

@@ -180,6 +180,22 @@ def check_range(path: Path, name: str, values: np.ndarray, base: int, low: float
         )
 
 
+def sorted_unique_ids(path: Path, raw: np.ndarray, name: str, what: str) -> np.ndarray:
+    """The stable order that sorts the (V,) ids ``raw`` of a features file (column ``name``, file order).
+
+    An id that appears twice raises `PrepareError` naming both rows; ``what`` names the id in the message.
+    """
+    order = np.argsort(raw, kind="stable")
+    dup = np.flatnonzero(np.diff(raw[order]) == 0)
+    if dup.size:
+        row, first = int(order[dup[0] + 1]), int(order[dup[0]])
+        raise PrepareError(
+            f"{path}: column {name!r}: {what} {int(raw[row])} at row {row} also at row {first} "
+            f"({what} {int(raw[row])} appears more than once; ids must be unique)"
+        )
+    return order
+
+
 class IdMap:
     """Raw ids (any integers) <-> dense ids ``0 .. V-1`` in sorted raw order.
 

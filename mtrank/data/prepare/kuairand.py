@@ -103,6 +103,7 @@ from mtrank.data.prepare.common import (
     column,
     format_summary,
     iter_chunks,
+    sorted_unique_ids,
     write_dataset,
 )
 from mtrank.data.prepare.movielens import add_common_arguments
@@ -279,18 +280,6 @@ class _TextIds:
         return remap[codes], names
 
 
-def _sorted_unique_ids(path: Path, raw: np.ndarray, name: str) -> np.ndarray:
-    """Order that sorts ``raw`` (file order); raises naming the row of a repeated id."""
-    order = np.argsort(raw, kind="stable")
-    dup = np.flatnonzero(np.diff(raw[order]) == 0)
-    if dup.size:
-        row, first = int(order[dup[0] + 1]), int(order[dup[0]])
-        raise PrepareError(
-            f"{path}: column {name!r}: {name} {int(raw[row])} at row {row} also at row {first} (an id appears once)"
-        )
-    return order
-
-
 @dataclass
 class UserFeatures:
     """The user features file: sorted raw ids and one id per user and feature (0 missing)."""
@@ -315,7 +304,7 @@ def read_users(path: Path, chunk_rows: int = CHUNK_ROWS) -> UserFeatures:
         for name in USER_INTS:
             codes[name].append(_ints_or_missing(path, chunk, name, base))
     raw = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    order = _sorted_unique_ids(path, raw, "user_id")
+    order = sorted_unique_ids(path, raw, "user_id", "user_id")
     features, vocab, vocabularies, missing = {}, {}, {}, {}
     for name in USER_TEXT:
         values, names = texts[name].finish(np.concatenate(codes[name]) if ids else np.zeros(0, np.int32))
@@ -353,7 +342,7 @@ def read_videos(path: Path, chunk_rows: int = CHUNK_ROWS) -> VideoFeatures:
         for name in VIDEO_TEXT:
             codes[name].append(texts[name].add(chunk.column(name)))
     raw = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    order = _sorted_unique_ids(path, raw, "video_id")
+    order = sorted_unique_ids(path, raw, "video_id", "video_id")
     tag = np.concatenate(tags) if ids else np.zeros(0, np.int32)
     features = {"category": (tag[order] + 1).astype(np.int32)}
     vocab = {"category": max(2, int(tag.max(initial=-1)) + 2)}

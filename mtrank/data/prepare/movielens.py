@@ -57,6 +57,7 @@ from mtrank.data.prepare.common import (
     format_summary,
     iter_chunks,
     require_columns,
+    sorted_unique_ids,
     write_dataset,
 )
 from mtrank.spec import FeatureSpec, TaskSpec
@@ -129,16 +130,6 @@ def decade_of(release_date: str | None, path: Path, row: int) -> int:
     return int(np.clip((int(year) - 1920) // 10 + 1, 1, NUM_DECADES - 1))
 
 
-def _sorted_ids(raw: np.ndarray, path: Path, column: str, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(V,) raw ids of a features file -> (sorted ids, the stable order that sorts them); a repeated id raises."""
-    order = np.argsort(raw, kind="stable")
-    raw = raw[order]
-    repeated = np.diff(raw) == 0
-    if repeated.any():
-        raise PrepareError(f"{path}: column {column!r}: {what} {int(raw[np.argmax(repeated)])} appears more than once")
-    return raw, order
-
-
 def read_items(path: Path, text: bool, chunk_rows: int = CHUNK_ROWS) -> tuple[IdMap, np.ndarray, np.ndarray]:
     """Item map, (V,) genre and (V,) decade per dense item id."""
     ids, genre, decade = [], [], []
@@ -150,8 +141,9 @@ def read_items(path: Path, text: bool, chunk_rows: int = CHUNK_ROWS) -> tuple[Id
         genre.append(np.where(flags.any(axis=1), np.argmax(flags, axis=1), 0))
         dates = chunk.column("release_date").to_pylist()
         decade.append(np.array([decade_of(d, path, base + i) for i, d in enumerate(dates)], dtype=np.int64))
-    raw, order = _sorted_ids(np.concatenate(ids), path, "movie_id", "movie")
-    return IdMap(raw, "movie_id"), np.concatenate(genre)[order], np.concatenate(decade)[order]
+    raw = np.concatenate(ids)
+    order = sorted_unique_ids(path, raw, "movie_id", "movie")
+    return IdMap(raw[order], "movie_id"), np.concatenate(genre)[order], np.concatenate(decade)[order]
 
 
 def read_users(path: Path, text: bool, chunk_rows: int = CHUNK_ROWS) -> tuple[IdMap, pa.Table, list[str]]:
@@ -173,7 +165,8 @@ def read_users(path: Path, text: bool, chunk_rows: int = CHUNK_ROWS) -> tuple[Id
             raise PrepareError(f"{path}: column 'gender': {g[row]!r} at row {base + row} is neither 'F' nor 'M'")
         gender.append((g == "M").astype(np.int64))
         occupation.append(np.array(chunk.column("occupation").to_pylist(), dtype=object))
-    raw, order = _sorted_ids(np.concatenate(ids), path, "user_id", "user")
+    raw = np.concatenate(ids)
+    order = sorted_unique_ids(path, raw, "user_id", "user")
     occ = np.concatenate(occupation)[order]
     names = sorted(set(occ.tolist()))
     table = pa.table(
@@ -184,7 +177,7 @@ def read_users(path: Path, text: bool, chunk_rows: int = CHUNK_ROWS) -> tuple[Id
             "occupation": np.searchsorted(np.array(names, dtype=object), occ).astype(np.int64),
         }
     )
-    return IdMap(raw, "user_id"), table, names
+    return IdMap(raw[order], "user_id"), table, names
 
 
 def events(
